@@ -1,0 +1,589 @@
+"""Tests for trigflow.py and model.py. Each formula is checked against something computed another way: finite
+differences, closed-form Gaussian answers, the discrete-time limit, or the paper's tables. CPU, fp32/fp64.
+
+Run:  python -m pytest -q test_scm.py
+"""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import model
+import trigflow as tf
+
+warnings.filterwarnings('ignore', category=DeprecationWarning)
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+SD = tf.SIGMA_D
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Closed forms for Gaussian data x0 ~ N(mu, s^2 I) (per-dimension mu, s). With z ~ N(0, sd^2 I) the marginal of x_t
+# is N(cos t mu, v(t)) with v = cos^2 t s^2 + sin^2 t sd^2, and E[x0 | x_t], E[z | x_t] are linear in x_t, so
+#   PF-ODE velocity  u(x, t) = sin t cos t (sd^2 - s^2) / v (x - cos t mu) - sin t mu
+#   ODE flow         keeps (x - cos t mu) / sqrt(v(t)) constant, so the consistency function is
+#   f*(x, t)       = mu + s (x - cos t mu) / sqrt(v(t)).
+
+
+def _v(t, s):
+    return t.cos() ** 2 * s ** 2 + t.sin() ** 2 * SD ** 2
+
+
+def _col(t, x):
+    return t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def gauss_velocity(x, t, mu, s):
+    t = _col(t, x)
+    return t.sin() * t.cos() * (SD ** 2 - s ** 2) / _v(t, s) * (x - t.cos() * mu) - t.sin() * mu
+
+
+def gauss_f(x, t, mu, s):
+    t = _col(t, x)
+    return mu + s * (x - t.cos() * mu) / _v(t, s).sqrt()
+
+
+def gauss_transport(x, t, t_new, mu, s):
+    """Exact PF-ODE solution from (x, t) to time t_new."""
+    t, t_new = _col(t, x), _col(t_new, x)
+    return t_new.cos() * mu + _v(t_new, s).sqrt() * (x - t.cos() * mu) / _v(t, s).sqrt()
+
+
+def gauss_marginal(t, mu, s):
+    """A draw of x_t for each t [B]: N(cos t mu, v(t))."""
+    tc = t.reshape(-1, 1)
+    return tc.cos() * mu + _v(tc, s).sqrt() * torch.randn(t.shape[0], mu.shape[0], dtype=mu.dtype)
+
+
+def F_teacher(mu, s):
+    """TrigFlow network of the exact diffusion model: F = velocity / sd."""
+    return lambda u, t: gauss_velocity(u * SD, t, mu, s) / SD
+
+
+def F_consistency(mu, s):
+    """TrigFlow network of the exact consistency model: f* = cos t x - sin t sd F, solved for F."""
+    def F(u, t):
+        x = u * SD
+        tt = _col(t, x)
+        return (tt.cos() * x - gauss_f(x, t, mu, s)) / (SD * tt.sin())
+    return F
+
+
+def edm_gauss_denoiser(mu, s):
+    """EDM's ideal denoiser for the same data, written in EDM variables: E[x0 | x0 + sigma eps]."""
+    def D(x_sigma, sigma):
+        sigma = _col(sigma, x_sigma)
+        return mu + s ** 2 / (s ** 2 + sigma ** 2) * (x_sigma - mu)
+    return D
+
+
+def gauss_params(D=6, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    mu = (torch.rand(D, generator=g, dtype=dtype) - 0.5) * 1.2
+    s = 0.1 + 0.6 * torch.rand(D, generator=g, dtype=dtype)
+    return mu, s
+
+
+def randomize_(net, seed=0):
+    """Give zero-initialized gains and layers random values so the network's output depends on everything."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim else 1.0) + (1.0 if p.ndim == 0 else 0))
+    return net
+
+
+def tiny_unet(dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    cfg = dict(model.UNET_PRESETS['tiny'], **kw)
+    return randomize_(model.UNet(**cfg)).to(dtype)
+
+
+def tiny_dit(dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    return randomize_(model.DiT(input_size=8, in_channels=2, patch_size=2, label_dim=3,
+                                **model.DIT_PRESETS['DiT-tiny'], **kw)).to(dtype)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TrigFlow <-> EDM
+
+
+def test_boundary_condition_exact():
+    """f(x, 0) = x bit for bit (Eq. 5): no epsilon offset is needed in TrigFlow."""
+    net = tiny_unet()
+    x = torch.randn(3, 1, 16, 16)
+    f0 = tf.consistency_fn(net, x, torch.zeros(3))
+    assert torch.equal(f0, x)
+    assert not torch.equal(tf.consistency_fn(net, x, torch.full((3,), 0.3)), x)
+
+
+def test_edm_trigflow_round_trips():
+    t = torch.linspace(0.01, 1.55, 50, dtype=torch.float64)
+    assert torch.allclose(tf.t_from_sigma(tf.sigma_from_t(t)), t, atol=1e-12)
+    x = torch.randn(50, 3, dtype=torch.float64)
+    assert torch.allclose(tf.x_edm_from_t(tf.x_t_from_edm(x, t), t), x, atol=1e-12)
+    assert abs(tf.T_MAX - 1.5645464) < 1e-6 and abs(tf.T_MIN - 0.0040) < 1e-4
+    # The EDM state x0 + sigma eps maps to the TrigFlow state cos t x0 + sin t (sd eps') with the same marginal.
+    x0, eps = torch.randn(200000, dtype=torch.float64), torch.randn(200000, dtype=torch.float64)
+    tt = torch.tensor(0.9, dtype=torch.float64)
+    x_t = tf.x_t_from_edm(x0 + tf.sigma_from_t(tt) * eps, tt)
+    assert abs(x_t.var().item() - (tt.cos() ** 2 + tt.sin() ** 2 * SD ** 2).item()) < 0.01
+
+
+def test_converted_edm_denoiser_gives_trigflow_velocity():
+    """EDM's ideal denoiser for Gaussian data, converted by F_from_denoiser, equals the TrigFlow velocity derived
+    directly in TrigFlow (an independent derivation)."""
+    mu, s = gauss_params()
+    F = tf.F_from_denoiser(edm_gauss_denoiser(mu, s))
+    x = torch.randn(64, 6, dtype=torch.float64)
+    t = torch.rand(64, dtype=torch.float64) * 1.5 + 0.03
+    assert rel(SD * F(x / SD, t), gauss_velocity(x, t, mu, s)) < 1e-12
+
+
+def test_edm_network_conversion_matches_denoiser_conversion():
+    """F_from_edm_network(-F_edm inside EDM preconditioning) == F_from_denoiser(EDM's D) for a random network."""
+    torch.manual_seed(0)
+    net = model.MLP(dim=5).double()
+    F_edm = lambda x_in, c_noise: net(x_in, c_noise)
+
+    def D(x_sigma, sigma):      # EDM preconditioning (Karras et al. 2022, Table 1) with sigma_data = sd
+        sig = sigma.reshape(-1, 1)
+        c_skip, c_out = SD ** 2 / (sig ** 2 + SD ** 2), sig * SD / (sig ** 2 + SD ** 2).sqrt()
+        c_in = 1 / (sig ** 2 + SD ** 2).sqrt()
+        return c_skip * x_sigma + c_out * F_edm(c_in * x_sigma, sigma.log() / 4)
+
+    u = torch.randn(32, 5, dtype=torch.float64)
+    t = torch.rand(32, dtype=torch.float64) * 1.5 + 0.03
+    assert rel(tf.F_from_edm_network(F_edm)(u, t), tf.F_from_denoiser(D)(u, t)) < 1e-10
+
+
+def _rk4(fn, x, a, b, n):
+    h = (b - a) / n
+    for i in range(n):
+        c = a + i * h
+        k1 = fn(x, c)
+        k2 = fn(x + h / 2 * k1, c + h / 2)
+        k3 = fn(x + h / 2 * k2, c + h / 2)
+        k4 = fn(x + h * k3, c + h)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+def mixture_denoiser(centers, s):
+    """EDM ideal denoiser for an isotropic Gaussian mixture (nonlinear in x)."""
+    def D(x, sigma):
+        sig2 = _col(sigma, x) ** 2
+        d2 = ((x[:, None, :] - centers[None]) ** 2).sum(-1)                     # [B, K]
+        gamma = torch.softmax(-d2 / (2 * (s ** 2 + sig2.reshape(-1, 1))), dim=1)
+        post = centers[None] + (s ** 2 / (s ** 2 + sig2[:, None])) * (x[:, None, :] - centers[None])
+        return (gamma[..., None] * post).sum(1)
+    return D
+
+
+def test_converted_edm_denoiser_traces_the_same_ode():
+    """Solve EDM's ODE dx/dsigma = (x - D)/sigma in sigma and TrigFlow's dx/dt = sd F in t for a nonlinear (mixture)
+    denoiser; the end points agree through x_t = cos(t) x_sigma."""
+    centers = torch.tensor([[-1.0, 0.5], [1.0, -0.5], [0.2, 1.0]], dtype=torch.float64) * 0.6
+    D = mixture_denoiser(centers, 0.15)
+    F = tf.F_from_denoiser(D)
+    x_sigma = torch.randn(16, 2, dtype=torch.float64) * 3.0
+    s0, s1 = 3.0, 0.05
+    edm_end = _rk4(lambda x, sg: (x - D(x, torch.full((16,), sg, dtype=x.dtype))) / sg, x_sigma, s0, s1, 400)
+    t0, t1 = math.atan(s0 / SD), math.atan(s1 / SD)
+    trig = _rk4(lambda x, t: SD * F(x / SD, torch.full((16,), t, dtype=x.dtype)),
+                x_sigma * math.cos(t0), t0, t1, 400)
+    assert rel(trig, edm_end * math.cos(t1)) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JVP, attention
+
+
+def _fd_check(net, shape, labels=None):
+    torch.manual_seed(1)
+    u = torch.randn(shape, dtype=torch.float64)
+    t = torch.rand(shape[0], dtype=torch.float64) * 1.4 + 0.1
+    du, dt = torch.randn_like(u), torch.randn_like(t)
+    fn = lambda u, t: net(u, t, labels)
+    _, jvp = torch.func.jvp(fn, (u, t), (du, dt))
+    h = 1e-5
+    fd = (fn(u + h * du, t + h * dt) - fn(u - h * du, t - h * dt)) / (2 * h)
+    return rel(jvp, fd)
+
+
+def test_jvp_unet_matches_finite_difference():
+    net = tiny_unet(torch.float64, label_dim=4)
+    err = _fd_check(net, (2, 1, 16, 16), labels=torch.tensor([1, -1]))
+    assert err < 1e-3, err
+    net.train()   # dropout = 0: train mode must be JVP-able too
+    assert _fd_check(net, (2, 1, 16, 16)) < 1e-3
+
+
+def test_jvp_dit_matches_finite_difference():
+    net = tiny_dit(torch.float64)
+    err = _fd_check(net, (2, 2, 8, 8), labels=torch.tensor([0, 2]))
+    assert err < 1e-3, err
+
+
+def test_attention_paths_agree():
+    """Explicit math attention (taken under a tangent) == fused SDPA, in fp32, alone and inside the networks."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
+    fused = model.attention(q, k, v)
+    with fwAD.dual_level():
+        dual = model.attention(fwAD.make_dual(q, torch.randn_like(q)), k, v)
+        primal, tangent = fwAD.unpack_dual(dual)
+    assert (primal - fused).abs().max() < 1e-5
+    _, tangent_func = torch.func.jvp(lambda q: model.attention(q, k, v), (q,), (torch.ones_like(q),))
+    assert torch.isfinite(tangent).all() and torch.isfinite(tangent_func).all()
+    for net, shape in [(tiny_unet(), (2, 1, 16, 16)), (tiny_dit(), (2, 2, 8, 8))]:
+        u, t = torch.randn(shape), torch.rand(2)
+        plain = net(u, t)
+        via_jvp, _ = torch.func.jvp(lambda u: net(u, t), (u,), (torch.randn_like(u),))
+        assert (plain - via_jvp).abs().max() < 1e-5
+
+
+def test_scm_tangent_matches_finite_difference_of_f():
+    """g = cos(t) df/dt along dx/dt, computed with the JVP rearrangement (sec. 5.1), equals cos(t) times a central
+    difference of the consistency function along the same direction (r = 1, fp64, the full U-Net)."""
+    net = tiny_unet(torch.float64)
+    torch.manual_seed(2)
+    x_t = torch.randn(3, 1, 16, 16, dtype=torch.float64) * SD
+    t = torch.tensor([0.05, 0.8, 1.5], dtype=torch.float64)
+    dxdt = torch.randn_like(x_t) * SD
+    F_minus, g = tf.scm_tangent(net, x_t, t, dxdt, r=1.0)
+    h = 1e-5
+    f = lambda x, tt: tf.consistency_fn(net, x, tt)
+    dfdt = (f(x_t + h * dxdt, t + h) - f(x_t - h * dxdt, t - h)) / (2 * h)
+    assert rel(g, _col(t.cos(), g) * dfdt) < 1e-6
+    assert rel(F_minus, net(x_t / SD, t)) < 1e-12
+    # warmup: r scales only the second term, so g(r) is affine in r and g(0) is the velocity-matching term
+    _, g0 = tf.scm_tangent(net, x_t, t, dxdt, r=0.0)
+    _, g_half = tf.scm_tangent(net, x_t, t, dxdt, r=0.5)
+    assert rel(g_half, (g0 + g) / 2) < 1e-12
+    assert rel(g0, -_col(t.cos(), g) ** 2 * (SD * F_minus - dxdt)) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sCM objective
+
+
+def _flat_grad(net):
+    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+
+def test_scm_gradient_is_limit_of_discrete_consistency_gradient():
+    """sCM's gradient (Eq. 8 with unit w, r = 1, no normalization) equals the dt -> 0 limit of the discrete CM
+    gradient  w(t)/D * grad ||f_theta(x_t, t) - f_theta-(x_{t-dt}, t-dt)||^2 / dt  with the prior weight
+    w(t) = 1/(sd tan t) (sec. 3.1), where x_{t-dt} follows the exact PF-ODE of the (Gaussian) teacher."""
+    mu, s = gauss_params(D=4)
+    torch.manual_seed(0)
+    net = model.MLP(dim=4, hidden=32, depth=2).double()
+    B = 8
+    t = torch.linspace(0.15, 1.45, B, dtype=torch.float64)
+    x_t = gauss_marginal(t, mu, s)
+    dxdt = gauss_velocity(x_t, t, mu, s)
+
+    net.zero_grad()
+    loss, _ = tf.scm_loss(net, x_t, t, dxdt, r=1.0, c=None)
+    loss.backward()
+    g_scm = _flat_grad(net)
+
+    errs = []
+    for dt in (1e-2, 1e-3, 1e-4):
+        net.zero_grad()
+        x_prev = gauss_transport(x_t, t, t - dt, mu, s)
+        with torch.no_grad():
+            f_minus = tf.consistency_fn(net, x_prev, t - dt)
+        d = (tf.consistency_fn(net, x_t, t) - f_minus).square().sum(1)             # ||.||^2 per sample
+        w_prior = 1 / (SD * t.tan())
+        (w_prior / 4 * d / dt).mean().backward()
+        errs.append(rel(_flat_grad(net), g_scm))
+    assert errs[2] < 2e-3 and errs[2] < errs[1] < errs[0], errs
+
+
+def test_discrete_tangent_converges_to_continuous():
+    """dsCD's finite-difference tangent (Eq. 37) -> the JVP tangent, and its loss gradient -> sCM's, as dt -> 0.
+    sCT's dxdt makes the DDIM step exact, so the only error is the finite difference."""
+    torch.manual_seed(0)
+    net = tiny_unet(torch.float64)
+    x0 = torch.randn(3, 1, 16, 16, dtype=torch.float64) * SD
+    z = torch.randn_like(x0) * SD
+    t = torch.tensor([0.2, 0.7, 1.3], dtype=torch.float64)
+    x_t, dxdt = tf.forward_process(x0, t, z)
+    _, g = tf.scm_tangent(net, x_t, t, dxdt)
+    errs = [rel(tf.scm_tangent(net, x_t, t, dxdt, dt=dt)[1], g) for dt in (1e-2, 1e-3, 1e-4)]
+    assert errs[2] < 1e-3 and errs[2] < errs[1] < errs[0], errs
+    # the DDIM step with sCT's dxdt lands exactly on cos t' x0 + sin t' z
+    dt = 0.3
+    x_prev = math.cos(dt) * x_t - math.sin(dt) * dxdt
+    assert rel(x_prev, tf.forward_process(x0, t - dt, z)[0]) < 1e-12
+
+
+def test_gaussian_consistency_function_is_fixed_point_of_scd():
+    """With the exact teacher velocity of Gaussian data, the exact consistency function has zero tangent g (so it
+    is a fixed point of the sCD update), while the teacher's own denoiser, which is not consistent, does not."""
+    mu, s = gauss_params()
+    torch.manual_seed(0)
+    t = torch.rand(64, dtype=torch.float64) * 1.5 + 0.03
+    x_t = gauss_marginal(t, mu, s)
+    dxdt = SD * F_teacher(mu, s)(x_t / SD, t)
+    _, g = tf.scm_tangent(F_consistency(mu, s), x_t, t, dxdt)
+    _, g_wrong = tf.scm_tangent(F_teacher(mu, s), x_t, t, dxdt)
+    assert g.abs().max() < 1e-10, g.abs().max()
+    assert g_wrong.abs().max() > 1e-2
+    # the closed forms agree with each other: f* along the exact ODE is constant (finite difference of transport)
+    x_next = gauss_transport(x_t, t, t - 1e-3, mu, s)
+    assert rel(gauss_f(x_next, t - 1e-3, mu, s), gauss_f(x_t, t, mu, s)) < 1e-12
+
+
+class GaussianCM(torch.nn.Module):
+    """A consistency model restricted to the exact Gaussian family, with learnable mean and std."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.mu = torch.nn.Parameter(torch.zeros(D, dtype=torch.float64))
+        self.log_s = torch.nn.Parameter(torch.full((D,), math.log(SD), dtype=torch.float64))
+
+    def forward(self, u, t):
+        return F_consistency(self.mu, self.log_s.exp())(u, t)
+
+
+def test_scd_moves_a_model_to_the_analytic_consistency_function():
+    """sCD against the exact Gaussian teacher (adaptive weight, warmup, RMS tangent normalization, log-normal
+    proposal) drives a model of the Gaussian family to the true mean and std."""
+    mu, s = gauss_params()
+    torch.manual_seed(0)
+    net, wnet = GaussianCM(6), tf.AdaptiveWeight().double()
+    opt = torch.optim.Adam(list(net.parameters()) + list(wnet.parameters()), lr=2e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 300)
+    err0 = (net.mu - mu).abs().max().item(), (net.log_s.exp() - s).abs().max().item()
+    for step in range(300):
+        t = tf.sample_t(256, -0.8, 1.6).double()
+        x_t = gauss_marginal(t, mu, s)
+        dxdt = gauss_velocity(x_t, t, mu, s)
+        loss, _ = tf.scm_loss(net, x_t, t, dxdt, w=wnet(t).double(), r=tf.tangent_warmup(step, 50))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    err1 = (net.mu - mu).abs().max().item(), (net.log_s.exp() - s).abs().max().item()
+    assert min(err0) > 0.2 and max(err1) < 1e-3, (err0, err1)
+
+
+def test_diffusion_loss_learns_the_gaussian_teacher():
+    """The TrigFlow diffusion loss (Eq. 4) with adaptive weighting drives a velocity model of the Gaussian family to
+    the true mean and std: its minimizer is the PF-ODE velocity."""
+    mu, s = gauss_params()
+    torch.manual_seed(0)
+    p_mu = torch.nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    p_ls = torch.nn.Parameter(torch.full((6,), math.log(SD), dtype=torch.float64))
+    wnet = tf.AdaptiveWeight().double()
+    opt = torch.optim.Adam([p_mu, p_ls] + list(wnet.parameters()), lr=2e-2)
+    for _ in range(300):
+        x0 = mu + s * torch.randn(512, 6, dtype=torch.float64)
+        t = tf.sample_t(512, -0.8, 1.6).double()
+        loss, _ = tf.diffusion_loss(F_teacher(p_mu, p_ls.exp()), x0, t, torch.randn_like(x0) * SD, w=wnet(t).double())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (p_mu - mu).abs().max() < 0.03 and (p_ls.exp() - s).abs().max() < 0.03
+
+
+def test_dropout_masks_match():
+    """The tangent pass and the gradient pass see the same dropout mask, so F_theta - F_theta- is zero in value and
+    the loss equals the weighted norm of g."""
+    net = tiny_unet(dropout=0.5).train()
+    x_t, t = torch.randn(4, 1, 16, 16) * SD, torch.rand(4) + 0.2
+    dxdt = torch.randn_like(x_t) * SD
+    rng = torch.get_rng_state()
+    loss, terms = tf.scm_loss(net, x_t, t, dxdt, c=None)
+    torch.set_rng_state(rng)
+    _, g = tf.scm_tangent(net, x_t, t, dxdt)                                     # the same masks again
+    assert abs(terms['mse'].item() - g.square().mean().item()) < 1e-6 * g.square().mean().item()
+    # and with different masks it would not be (so the check above can fail)
+    F_other = net(x_t / SD, t)
+    F_again = net(x_t / SD, t)
+    assert (F_other - F_again).abs().max() > 1e-3
+
+
+def test_adaptive_weight_reaches_its_optimum():
+    """Minimizing e^w * mse - w gives e^{w*(t)} = 1 / E[mse | t] (App. D)."""
+    torch.manual_seed(0)
+    wnet = tf.AdaptiveWeight()
+    h = lambda t: 0.05 + t.sin() ** 2                                            # E[mse | t]
+    opt = torch.optim.Adam(wnet.parameters(), lr=2e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 600)
+    for _ in range(600):
+        t = tf.sample_t(1024, -0.8, 1.6)
+        mse = h(t) * (0.5 + torch.rand_like(t))                                  # any positive noise with mean h
+        w = wnet(t)
+        loss = (w.exp() * mse - w).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    t = tf.t_from_sigma(torch.exp(torch.linspace(-2.4, 0.8, 9)))               # the bulk of the proposal
+    ratio = wnet(t).exp() * h(t)
+    assert (ratio - 1).abs().max() < 0.03, ratio
+
+
+def test_tangent_normalization_bounds_the_norm():
+    torch.manual_seed(0)
+    g = torch.randn(5, 3, 8, 8) * torch.tensor([1e-4, 1e-2, 1.0, 1e2, 1e4]).reshape(5, 1, 1, 1)
+    for kind in ('rms', 'l2'):
+        n = tf.normalize_tangent(g, 0.1, kind).flatten(1).norm(dim=1)
+        n = n / math.sqrt(192) if kind == 'rms' else n
+        assert (n < 1).all()
+        assert abs(n[-1].item() - 1) < 1e-4                                       # large tangents -> unit norm
+        norm0 = g[0].norm() / (math.sqrt(192) if kind == 'rms' else 1)
+        assert abs(n[0].item() / (norm0.item() / 0.1) - 1) < 0.02                 # small ones: ~ ||g|| / c
+    # direction is kept
+    gn = tf.normalize_tangent(g, 0.1)
+    cos = torch.nn.functional.cosine_similarity(gn.flatten(1), g.flatten(1))
+    assert (cos > 1 - 1e-6).all()
+    with pytest.raises(ValueError):
+        tf.normalize_tangent(g, 0.1, 'linf')
+
+
+def test_time_proposals():
+    torch.manual_seed(0)
+    t = tf.sample_t(200000, -0.8, 1.6)
+    log_sigma = (SD * t.double().tan()).log()
+    assert abs(log_sigma.median().item() + 0.8) < 0.02
+    assert t.min() >= tf.T_MIN and t.max() <= tf.T_MAX
+    ts = tf.discrete_times(1024)
+    assert ts[0] == 0 and abs(ts[-1].item() - tf.T_MAX) < 1e-6 and (ts.diff() > 0).all()
+    t_d, t_prev = tf.sample_t_discrete(200000, ts, -0.8, 1.6)
+    assert torch.equal(torch.searchsorted(ts, t_prev), torch.searchsorted(ts, t_d) - 1)
+    assert abs((SD * t_d.double().tan()).log().median().item() + 0.8) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks
+
+
+PAPER_PARAMS_M = {  # sCM Table 5 (ImageNet 512 latents) and Table 4 (ImageNet 64 pixels), millions
+    's': 280.2, 'm': 497.8, 'l': 777.6, 'xl': 1119.4, 'xxl': 1523.4,
+    'img64-s': 280.2, 'img64-m': 497.8, 'img64-l': 777.6, 'img64-xl': 1119.4,
+}
+
+
+@pytest.mark.parametrize('name', list(PAPER_PARAMS_M))
+def test_param_counts_match_paper_tables(name):
+    with torch.device('meta'):
+        net = model.UNet(**model.UNET_PRESETS[name])
+    n = sum(p.numel() for p in net.parameters()) / 1e6
+    assert abs(n / PAPER_PARAMS_M[name] - 1) < 0.01, n
+
+
+def test_dit_param_count_matches_dit_paper():
+    with torch.device('meta'):
+        net = model.DiT(input_size=32, in_channels=4, patch_size=2, **model.DIT_PRESETS['DiT-XL'])
+    n = sum(p.numel() for p in net.parameters()) / 1e6
+    assert abs(n / 675 - 1) < 0.01, n                                            # DiT-XL/2: 675M (DiT Table 4)
+
+
+def test_cfg_input_starts_as_the_teacher():
+    """A student with the CFG-scale input, loaded from a teacher without it, computes the teacher's F exactly."""
+    teacher = tiny_unet(label_dim=4)
+    student = model.UNet(**dict(model.UNET_PRESETS['tiny'], label_dim=4, cfg_embed=True))
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all('cfg' in k for k in missing)
+    u, t, y = torch.randn(3, 1, 16, 16), torch.rand(3), torch.tensor([0, 3, -1])
+    assert torch.equal(student(u, t, y, s=torch.tensor([1.0, 1.5, 2.0])), teacher(u, t, y))
+    with torch.no_grad():
+        student.cfg_gain.fill_(1.0)
+    assert not torch.equal(student(u, t, y, s=torch.tensor([1.0, 1.5, 2.0])), teacher(u, t, y))
+
+
+def test_labels_and_guidance():
+    net = tiny_unet(label_dim=4)
+    u, t = torch.randn(2, 1, 16, 16), torch.rand(2)
+    null = torch.tensor([-1, -1])
+    assert torch.equal(net(u, t), net(u, t, null))
+    assert not torch.equal(net(u, t, torch.tensor([0, 1])), net(u, t, null))
+    Fc, Fu = (lambda u, t: net(u, t, torch.tensor([2, 2]))), (lambda u, t: net(u, t, null))
+    assert torch.allclose(tf.guided(Fc, Fu, 1.0)(u, t), Fc(u, t), atol=1e-6)
+    assert torch.allclose(tf.guided(Fc, Fu, 0.0)(u, t), Fu(u, t), atol=1e-6)
+    s = torch.tensor([1.5, 2.0])
+    expect = Fu(u, t) + s.reshape(2, 1, 1, 1) * (Fc(u, t) - Fu(u, t))
+    assert torch.allclose(tf.guided(Fc, Fu, s)(u, t), expect, atol=1e-6)
+
+
+def test_forced_weight_normalization_keeps_the_function():
+    """project_weights_ (EDM2's forced weight normalization, outside forward) leaves F unchanged."""
+    net = tiny_unet()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim > 1:
+                p.mul_(3.0)
+    u, t = torch.randn(2, 1, 16, 16), torch.rand(2)
+    before = net(u, t)
+    model.project_weights_(net)
+    assert rel(net(u, t), before) < 1e-3                                      # up to EDM2's eps = 1e-4 per layer
+    w = net.out_conv.weight
+    assert torch.allclose(w.flatten(1).square().mean(1), torch.ones(w.shape[0]), atol=1e-3)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match='divisible'):
+        model.UNet(img_resolution=28, img_channels=1, channel_mult=(1, 2, 2, 2))
+    with pytest.raises(ValueError, match='divisible'):
+        model.DiT(input_size=30, patch_size=4)
+
+
+@pytest.mark.parametrize('make,shape', [(tiny_unet, (4, 1, 16, 16)), (tiny_dit, (4, 2, 8, 8))])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_autocast_jvp(make, shape, dtype):
+    """The sCM tangent under bf16/fp16 autocast is finite at both ends of [0, pi/2] and close to fp32's."""
+    net = make()
+    torch.manual_seed(0)
+    x_t = torch.randn(shape) * SD
+    t = torch.tensor([tf.T_MIN, 0.3, 1.2, tf.T_MAX])
+    dxdt = torch.randn_like(x_t) * SD
+    _, g32 = tf.scm_tangent(net, x_t, t, dxdt)
+    with torch.autocast('cpu', dtype=dtype):
+        _, g16 = tf.scm_tangent(net, x_t, t, dxdt)
+        loss, terms = tf.scm_loss(net, x_t, t, dxdt)
+    assert g16.dtype == torch.float32 and torch.isfinite(g16).all() and torch.isfinite(loss)
+    assert rel(g16, g32) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samplers
+
+
+def test_consistency_sampling_recovers_the_gaussian():
+    """1-step from t_max and 2-step through t = 1.1 with the exact consistency function give N(mu, s^2)."""
+    mu, s = gauss_params()
+    F = F_consistency(mu, s)
+    torch.manual_seed(0)
+    z = torch.randn(200000, 6, dtype=torch.float64) * SD
+    for ts in [(tf.T_MAX,), (tf.T_MAX, tf.T_MID)]:
+        x = tf.sample_consistency(F, z, ts)
+        assert (x.mean(0) - mu).abs().max() < 0.01, ts
+        assert (x.std(0) / s - 1).abs().max() < 0.01, ts
+
+
+def test_heun_converges_to_exact_ode_solution():
+    """EDM Heun with the exact Gaussian velocity converges to the exact ODE solution f*(z, t_max) (2nd order)."""
+    mu, s = gauss_params()
+    F = F_teacher(mu, s)
+    torch.manual_seed(0)
+    z = torch.randn(256, 6, dtype=torch.float64) * SD
+    exact = gauss_f(z, torch.full((256,), tf.T_MAX, dtype=torch.float64), mu, s)
+    errs = [(tf.sample_heun(F, z, n) - exact).abs().max().item() for n in (4, 8, 16, 32, 64)]
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-2 and errs[-2] / errs[-1] > 3.5, errs                    # ~4x per doubling
+    # 18 steps = 35 network evaluations
+    calls = []
+    tf.sample_heun(lambda u, t: calls.append(1) or F(u, t), z[:2], 18)
+    assert len(calls) == 35
