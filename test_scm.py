@@ -321,10 +321,13 @@ def test_discrete_tangent_converges_to_continuous():
     _, g = tf.scm_tangent(net, x_t, t, dxdt)
     errs = [rel(tf.scm_tangent(net, x_t, t, dxdt, dt=dt)[1], g) for dt in (1e-2, 1e-3, 1e-4)]
     assert errs[2] < 1e-3 and errs[2] < errs[1] < errs[0], errs
-    # the DDIM step with sCT's dxdt lands exactly on cos t' x0 + sin t' z
+    # the DDIM step with sCT's dxdt lands exactly on cos t' x0 + sin t' z ...
     dt = 0.3
     x_prev = math.cos(dt) * x_t - math.sin(dt) * dxdt
     assert rel(x_prev, tf.forward_process(x0, t - dt, z)[0]) < 1e-12
+    # ... and at any finite dt Eq. 37 is exactly cos(t) [f(x_t, t) - f(x_t', t')] / sin(t - t')
+    direct = (tf.consistency_fn(net, x_t, t) - tf.consistency_fn(net, x_prev, t - dt)) / math.sin(dt)
+    assert rel(tf.scm_tangent(net, x_t, t, dxdt, dt=dt)[1], _col(t.cos(), x_t) * direct) < 1e-12
 
 
 def test_gaussian_consistency_function_is_fixed_point_of_scd():
