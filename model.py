@@ -432,6 +432,8 @@ UNET_PRESETS = {
     # Small CPU presets: 28x28 grayscale (MNIST, Fashion-MNIST) and a tiny net for the tests.
     'mnist':    dict(img_resolution=28, img_channels=1, label_dim=10, model_channels=32, channel_mult=(1, 2, 2),
                      num_blocks=2, attn_resolutions=(7,), channels_per_head=32, dropout_res=28),
+    'mnist-s':  dict(img_resolution=28, img_channels=1, label_dim=10, model_channels=16, channel_mult=(1, 2, 2),
+                     num_blocks=1, attn_resolutions=(7,), channels_per_head=32, dropout_res=28),
     'tiny':     dict(img_resolution=16, img_channels=1, label_dim=0, model_channels=8, channel_mult=(1, 2),
                      num_blocks=1, attn_resolutions=(8,), channels_per_head=8, dropout_res=16),
 }

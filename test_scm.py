@@ -590,3 +590,258 @@ def test_heun_converges_to_exact_ode_solution():
     calls = []
     tf.sample_heun(lambda u, t: calls.append(1) or F(u, t), z[:2], 18)
     assert len(calls) == 35
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training scripts: short runs on a tiny synthetic image folder (no download), resume, DDP, bad inputs.
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--model', 'tiny', '--batch', '8', '--log-every', '2', '--ckpt-every', '3', '--sample-every', '0',
+        '--lr-rampup-mimg', '0', '--warmup-steps', '4']
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    from PIL import Image
+    folder = tmp_path_factory.mktemp('images')
+    g = torch.Generator().manual_seed(0)
+    for i in range(32):
+        img = (torch.rand(16, 16, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(img, mode='L').save(folder / f'{i:03d}.png')
+    return str(folder)
+
+
+def run_script(script, *args, nproc=1, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
+        if nproc > 1 else [sys.executable]
+    p = subprocess.run(cmd + [os.path.join(ROOT, script), *map(str, args)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f'{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}')
+    return p
+
+
+def method_args(script, teacher):
+    if script == 'train_teacher.py':
+        return ['--label-dropout', '0']
+    return ['--teacher', teacher] + (['--s-max', '1'] if script == 'train_scd.py' else [])
+
+
+@pytest.fixture(scope='module')
+def tiny_teacher(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp('teacher') / 'run'
+    run_script('train_teacher.py', '--preset', 'mnist-s', '--data', image_folder, '--out', out, '--steps', 6,
+               *TINY[:-2], '--label-dropout', '0')
+    return str(out / 'checkpoint.pt')
+
+
+def _ckpt(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+@pytest.mark.parametrize('script', ['train_teacher.py', 'train_scd.py', 'train_sct.py'])
+def test_resume_is_bit_exact(script, image_folder, tiny_teacher, tmp_path):
+    """6 steps in one go == 3 steps, stop, resume to 6 (same weights, EMA, optimizer state, bit for bit)."""
+    extra = [a for a in TINY if script != 'train_teacher.py' or a not in ('--warmup-steps', '4')]
+    common = ['--preset', 'mnist-s', '--data', image_folder, *extra, *method_args(script, tiny_teacher),
+              '--dropout', '0.2']
+    run_script(script, *common, '--out', tmp_path / 'a', '--steps', 6)
+    run_script(script, *common, '--out', tmp_path / 'b', '--steps', 3)
+    run_script(script, *common, '--out', tmp_path / 'b', '--steps', 6, '--resume')
+    a, b = _ckpt(tmp_path / 'a' / 'checkpoint.pt'), _ckpt(tmp_path / 'b' / 'checkpoint.pt')
+    assert a['step'] == b['step'] == 6
+    for key in ('net', 'ema', 'wnet'):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    logs = [json.loads(line) for line in open(tmp_path / 'b' / 'log.jsonl')]
+    assert [r['step'] for r in logs] == [2, 3, 4, 6] or [r['step'] for r in logs] == [2, 4, 6]
+
+
+@pytest.mark.parametrize('script', ['train_teacher.py', 'train_scd.py', 'train_sct.py'])
+def test_ddp_two_ranks_stay_identical(script, image_folder, tiny_teacher, tmp_path):
+    extra = [a for a in TINY if script != 'train_teacher.py' or a not in ('--warmup-steps', '4')]
+    p = run_script(script, '--preset', 'mnist-s', '--data', image_folder, *extra, *method_args(script, tiny_teacher),
+                   '--out', tmp_path / 'ddp', '--steps', 4, '--dropout', '0.2', nproc=2)
+    assert 'identical: True' in p.stdout, p.stdout
+    # gradient accumulation: 2 ranks x 2 micro-batches of 2 == the same global batch of 8
+    p = run_script(script, '--preset', 'mnist-s', '--data', image_folder, *extra, *method_args(script, tiny_teacher),
+                   '--out', tmp_path / 'accum', '--steps', 2, '--batch-gpu', 2, nproc=2)
+    assert 'identical: True' in p.stdout, p.stdout
+
+
+def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
+    def fails(script, *args, match):
+        p = run_script(script, *args, check=False)
+        assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith('error:') and match in last, last
+        return last
+
+    base = ['--preset', 'mnist-s', '--steps', 2, *TINY[:-2]]
+    fails('train_teacher.py', *base, '--data', tmp_path / 'nope', '--out', tmp_path / 'x', match='nope')
+    fails('train_teacher.py', *base, '--data', image_folder, '--model', 'mnist-s', '--out', tmp_path / 'x',
+          match='16x16')                                                     # 16x16x1 images, a 28x28 model
+    fails('train_scd.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--s-max', 1, match='--teacher')
+    fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tmp_path / 'no.pt',
+          match='no checkpoint')
+    # a teacher of another architecture
+    fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tiny_teacher,
+          '--model', 'DiT-tiny', match='another architecture')
+    # an existing run is never overwritten, and a resume with another config is refused
+    run_script('train_teacher.py', *base, '--data', image_folder, '--out', tmp_path / 'r', '--label-dropout', 0)
+    before = open(tmp_path / 'r' / 'checkpoint.pt', 'rb').read()
+    fails('train_teacher.py', *base, '--data', image_folder, '--out', tmp_path / 'r', match='--resume')
+    fails('train_teacher.py', *base, '--data', image_folder, '--out', tmp_path / 'r', '--resume', '--lr', 0.5,
+          '--label-dropout', 0, match='--lr=0.01 there vs 0.5 here')
+    assert open(tmp_path / 'r' / 'checkpoint.pt', 'rb').read() == before
+
+
+def test_nonfinite_loss_stops_and_names_the_term(tmp_path):
+    """A NaN in the data reaches the loss: the run stops at that step, names the term, exits 3."""
+    lat = torch.randn(16, 4, 8, 8).numpy()
+    lat[3, 0, 0, 0] = float('nan')
+    import numpy as np
+    np.save(tmp_path / 'lat.npy', lat)
+    p = run_script('train_teacher.py', '--preset', 'mnist-s', '--data', tmp_path / 'lat.npy', '--model', 'DiT-tiny',
+                   '--batch', 16, '--steps', 3, '--out', tmp_path / 'run', '--label-dropout', 0, check=False)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert 'step 0: non-finite loss' in p.stderr, p.stderr[-2000:]
+    p = run_script('train_teacher.py', '--preset', 'mnist-s', '--data', tmp_path / 'lat.npy', '--model', 'DiT-tiny',
+                   '--batch', 16, '--steps', 3, '--out', tmp_path / 'run2', '--label-dropout', 0,
+                   '--on-nonfinite', 'skip', '--sample-every', 0)
+    assert 'step 0: non-finite loss' in p.stdout and 'step skipped' in p.stdout, p.stdout[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: named datasets from the shared folder (skipped where it is absent), image folders, zips, latents, grids.
+
+import zipfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import data  # noqa: E402
+
+SHARED_DATA = os.environ.get('SCM_SHARED_DATA', os.path.join(ROOT, '..', 'shared', 'data'))
+
+
+def _shared(*parts):
+    p = os.path.join(SHARED_DATA, *parts)
+    if not os.path.exists(p):
+        pytest.skip(f'{p} not found (set SCM_SHARED_DATA to the shared data folder)')
+    return p
+
+
+def _png(path, a):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(a).save(path)
+
+
+def test_data_fashion_mnist_from_shared():
+    _shared('fashion-mnist', 't10k-images-idx3-ubyte.gz')
+    ds = data.load_dataset('fashion-mnist', SHARED_DATA, 'test', download=False)
+    assert len(ds) == 10000 and ds.shape == (1, 28, 28) and ds.num_classes == 10 and not ds.is_latent
+    x, y = ds.get_batch(torch.arange(500))
+    assert x.dtype == torch.float32 and x.shape == (500, 1, 28, 28) and -1 <= x.min() and x.max() <= 1
+    assert torch.equal(x[7], ds[7][0]) and int(y[7]) == ds[7][1]
+    assert torch.bincount(ds.labels).tolist() == [1000] * 10
+
+
+def test_data_cifar10_jpeg_from_shared():
+    _shared('cifar10-jpeg', 'test.tar.gz')
+    ds = data.load_dataset('cifar10', SHARED_DATA, 'test', download=False)
+    assert len(ds) == 10000 and ds.shape == (3, 32, 32) and ds.num_classes == 10
+    assert torch.bincount(ds.labels).tolist() == [1000] * 10
+    mean = ds.images.float().mean((0, 2, 3)) / 255           # CIFAR-10 test channel means ~ (0.494, 0.485, 0.450)
+    assert torch.allclose(mean, torch.tensor([0.494, 0.485, 0.450]), atol=0.01)
+
+
+def test_data_download_checks_md5(monkeypatch, tmp_path):
+    """file:// URLs stand in for the network: MNIST's shared files are the originals (md5 passes), Fashion-MNIST's
+    are recompressed copies (md5 fails, and the bad file is removed)."""
+    _shared('mnist', 't10k-images-idx3-ubyte.gz')
+    _shared('fashion-mnist', 't10k-images-idx3-ubyte.gz')
+    monkeypatch.setattr(data, 'MNIST_URL', 'file://' + os.path.abspath(os.path.join(SHARED_DATA, 'mnist')) + '/')
+    ds = data.load_dataset('mnist', str(tmp_path), 'test', download=True)
+    assert len(ds) == 10000 and ds.num_classes == 10
+    monkeypatch.setattr(data, 'FASHION_URL',
+                        'file://' + os.path.abspath(os.path.join(SHARED_DATA, 'fashion-mnist')) + '/')
+    with pytest.raises(data.DataError, match='md5'):
+        data.load_dataset('fashion-mnist', str(tmp_path), 'test', download=True)
+    assert os.listdir(tmp_path / 'fashion-mnist') == []
+    with pytest.raises(data.DataError, match='missing'):
+        data.load_dataset('fashion-mnist', str(tmp_path), 'test', download=False)
+
+
+def test_data_image_folder_and_zip(tmp_path):
+    g = np.random.default_rng(0)
+    imgs = {f'{c}/{i}.png': g.integers(0, 256, (6, 5, 3), dtype=np.uint8) for c in ('dog', 'cat') for i in range(3)}
+    for rel_path, a in imgs.items():
+        _png(str(tmp_path / 'cls' / rel_path), a)
+    ds = data.load_dataset(str(tmp_path / 'cls'))
+    assert len(ds) == 6 and ds.shape == (3, 6, 5) and ds.num_classes == 2
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]               # sorted class folders: cat, dog
+    assert np.array_equal(data.to_uint8(ds[0][0][None])[0], imgs['cat/0.png'])
+    zp = tmp_path / 'cls.zip'
+    with zipfile.ZipFile(zp, 'w') as z:                           # wrapped in one top folder, as `zip -r` makes
+        for rel_path in imgs:
+            z.write(tmp_path / 'cls' / rel_path, 'wrap/' + rel_path)
+    dz = data.load_dataset(str(zp))
+    assert torch.equal(dz.get_batch(range(6))[0], ds.get_batch(range(6))[0]) and torch.equal(dz.labels, ds.labels)
+    _png(str(tmp_path / 'flat' / 'a.png'), imgs['cat/0.png'][:, :, 0])
+    _png(str(tmp_path / 'flat' / 'b.png'), np.zeros((7, 5), np.uint8))
+    df = data.load_dataset(str(tmp_path / 'flat'))
+    assert df.shape == (1, 6, 5) and df.num_classes == 0 and df[0][1] == -1
+    with pytest.raises(data.DataError, match='b.png is 5x7'):
+        df[1]
+
+
+def test_data_latents(tmp_path):
+    mean = torch.tensor(data.LATENT_MEAN).view(1, 4, 1, 1)
+    std = torch.tensor(data.LATENT_STD).view(1, 4, 1, 1)
+    z = torch.randn(512, 4, 4, 4) * std + mean
+    np.save(tmp_path / 'lat.npy', z.numpy())
+    np.save(tmp_path / 'lat.labels.npy', np.arange(512) % 3)
+    ds = data.load_dataset(str(tmp_path / 'lat.npy'))
+    assert ds.is_latent and ds.shape == (4, 4, 4) and ds.num_classes == 3 and len(ds) == 512
+    x, y = ds.get_batch(torch.arange(512))
+    assert torch.allclose(x.std((0, 2, 3)), torch.full((4,), 0.5), atol=0.03)    # sigma_d = 0.5 after normalizing
+    assert torch.allclose(data.denormalize_latents(x), z, atol=1e-4) and y.tolist()[:4] == [0, 1, 2, 0]
+    np.save(tmp_path / 'bad.npy', np.zeros((2, 3, 4, 4), np.float32))
+    with pytest.raises(data.DataError, match='4 channels'):
+        data.load_dataset(str(tmp_path / 'bad.npy'))
+
+
+def test_data_save_grid_round_trip(tmp_path):
+    x = torch.rand(5, 3, 4, 6) * 2 - 1
+    path = str(tmp_path / 'sub' / 'grid.png')
+    data.save_grid(x, path, nrow=3)
+    g = np.asarray(Image.open(path))
+    assert g.shape == (2 * (4 + 2) + 2, 3 * (6 + 2) + 2, 3) and not os.path.exists(path + '.tmp')
+    u = data.to_uint8(x)
+    for k in range(5):
+        r, c = divmod(k, 3)
+        assert np.array_equal(g[2 + r * 6: 2 + r * 6 + 4, 2 + c * 8: 2 + c * 8 + 6], u[k])
+    assert data.load_image(path, 1).shape == (1, 1, g.shape[0], g.shape[1])
+    assert data.to_uint8(torch.tensor([-2.0, -1, 0, 1, 2]).view(1, 1, 1, 5)).ravel().tolist() == [0, 0, 128, 255, 255]
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(data.DataError, match="'xyz' is not a dataset name"):
+        data.load_dataset('xyz')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(data.DataError, match='no images'):
+        data.load_dataset(str(tmp_path / 'empty'))
+    (tmp_path / 'bad.zip').write_bytes(b'not a zip')
+    with pytest.raises(data.DataError, match='zip'):
+        data.load_dataset(str(tmp_path / 'bad.zip'))
+    with pytest.raises(data.DataError, match='missing'):
+        data.load_dataset('mnist', str(tmp_path), 'test', download=False)
+    with pytest.raises(data.DataError, match='does not exist'):
+        data.load_image(str(tmp_path / 'nope.png'), 3)

@@ -147,9 +147,10 @@ class AdaptiveWeight(nn.Module):
         self.sigma_d = sigma_d
 
     def forward(self, t):
-        c = torch.log(self.sigma_d * t.float().clamp(T_MIN, T_MAX).tan()) / 4
-        features = torch.cos(c[:, None] * self.freqs + self.phases) * math.sqrt(2)
-        return self.linear(features).squeeze(1)                                # [B]
+        with torch.autocast(t.device.type, enabled=False):                     # a scalar per sample, in fp32
+            c = torch.log(self.sigma_d * t.float().clamp(T_MIN, T_MAX).tan()) / 4
+            features = torch.cos(c[:, None] * self.freqs + self.phases) * math.sqrt(2)
+            return self.linear(features).squeeze(1)                            # [B]
 
 
 def diffusion_loss(F, x0, t, z, w=None, sigma_d=SIGMA_D):
