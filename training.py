@@ -312,9 +312,11 @@ class Run:
         if args.resume and not os.path.exists(self.ckpt_path):
             raise UserError(f'--resume: no checkpoint at {self.ckpt_path}')
 
+        if self.world > 1 and not self.is_main:
+            dist.barrier()                                   # wait while rank 0 downloads what is missing
         self.dataset = data.load_dataset(args.data, args.data_dir, 'train', download=self.is_main)
-        if self.world > 1:
-            dist.barrier()                                   # rank 0 may have downloaded it
+        if self.world > 1 and self.is_main:
+            dist.barrier()
         self.model_kwargs = model_kwargs_for(args, self.dataset)
         if cfg_embed:
             self.model_kwargs['cfg_embed'] = True
@@ -329,8 +331,7 @@ class Run:
         torch.manual_seed(args.seed)                        # the same initial weights on every rank and every run
         self.net = build_net(self.model_kwargs).to(self.device)
         self.wnet = tf.AdaptiveWeight().to(self.device)
-        self.step = 0
-        self.teacher = None
+        self.step, self.saved_step = 0, None
 
     def finish_setup(self, init_state=None):
         """Build EMA, optimizer and DDP wrappers; init_state: weights to start from (a student's teacher EMA)."""
@@ -373,7 +374,7 @@ class Run:
         self.wnet.load_state_dict(ckpt['wnet'])
         self.opt.load_state_dict(ckpt['opt'])
         self.scaler.load_state_dict(ckpt['scaler'])
-        self.step = ckpt['step']
+        self.step = self.saved_step = ckpt['step']
         if self.is_main:                                     # drop log lines the killed run wrote after this point
             log = os.path.join(self.args.out, 'log.jsonl')
             if os.path.exists(log):
@@ -383,9 +384,12 @@ class Run:
                     f.writelines(keep)
 
     def save(self):
+        self.saved_step = self.step
         if self.is_main:
             save_checkpoint(self.ckpt_path, dict(
                 method=self.method, step=self.step, config=self.config(), model_kwargs=self.model_kwargs,
+                data=dict(name=self.dataset.name, shape=tuple(self.dataset.shape), is_latent=self.dataset.is_latent,
+                          num_classes=self.dataset.num_classes),
                 net=self.net.state_dict(), ema=self.ema.state_dict(), wnet=self.wnet.state_dict(),
                 opt=self.opt.state_dict(), scaler=self.scaler.state_dict()))
 
@@ -500,9 +504,10 @@ class Run:
             return False
         names = ', '.join(f'{k}={float(terms[k]):.4g}' for k in bad) or 'on another rank'
         if self.args.on_nonfinite == 'stop':
-            raise NonFiniteError(f'step {self.step}: non-finite {names}. The last checkpoint is {self.ckpt_path} '
-                                 f'(step {self.step - self.step % self.args.ckpt_every}); lower --lr, use --precision '
-                                 f'fp32, or pass --on-nonfinite skip')
+            last = (f'the last checkpoint, {self.ckpt_path}, is from step {self.saved_step}'
+                    if self.saved_step is not None else 'no checkpoint was written yet')
+            raise NonFiniteError(f'step {self.step}: non-finite {names}; {last}. Lower --lr, use --precision fp32, '
+                                 f'or pass --on-nonfinite skip')
         if self.is_main:
             tqdm.write(f'step {self.step}: non-finite {names}; step skipped')
         return True

@@ -228,7 +228,7 @@ def scm_loss(F, x_t, t, dxdt, *, F_minus=None, w=None, r=1.0, c=0.1, tangent_nor
 
         (e^{w_phi(t)} / D) ||F_theta(x_t/sigma_d, t) - F_theta-(x_t/sigma_d, t) - g||^2 - w_phi(t)
 
-    Its value is just the weighted norm of g; its gradient pulls F_theta toward F_theta- + g, which equals the
+    Its value is the weighted norm of g; its gradient pulls F_theta toward F_theta- + g, which equals the
     continuous-time CM gradient with the prior weighting 1/(sigma_d tan t) (§3.1, Eq. 2; test_scm_gradient_is_limit).
 
     F        the network with gradient (under DDP: the wrapped model)
@@ -240,8 +240,8 @@ def scm_loss(F, x_t, t, dxdt, *, F_minus=None, w=None, r=1.0, c=0.1, tangent_nor
     dt       None: sCM; a number or [B]: discrete-time dsCD with the finite-difference tangent (App. E)
 
     Dropout: the tangent pass and the gradient pass are two forwards (the JVP pass runs without autograd, the way a
-    DDP step stays cheap). We restore the RNG state between them, so F_theta sees exactly F_theta-'s dropout mask
-    and F_theta - F_theta- is zero in value, as in the one-pass form (test_dropout_masks_match). The paper is silent
+    DDP step stays cheap). We restore the RNG state between them, so the gradient pass sees exactly the dropout mask
+    the tangent was computed with, as in a one-pass form (test_dropout_masks_match). The paper is silent
     (UNCONFIRMED); iCT synchronizes the dropout RNG of student and teacher the same way.
     Returns (loss, terms): terms holds detached batch means for logging and NaN checks."""
     F_minus = F if F_minus is None else F_minus
@@ -252,9 +252,13 @@ def scm_loss(F, x_t, t, dxdt, *, F_minus=None, w=None, r=1.0, c=0.1, tangent_nor
         g = normalize_tangent(g, c, tangent_norm)
     _set_rng_state(rng, x_t.device)
     F_theta = _wide(F(x_t / sigma_d, t))
-    mse = (F_theta - F_m - g).square().flatten(1).mean(1)
+    # F_theta- = stopgrad(F_theta): the same forward with the gradient stopped, so F_theta - F_theta- is exactly 0 in
+    # value in any precision; F_m (the JVP pass's output) feeds only g. F_gap monitors that both passes computed the
+    # same function (same dropout mask); it is ~0 in fp32 and at rounding level under autocast.
+    mse = (F_theta - F_theta.detach() - g).square().flatten(1).mean(1)
     loss = mse if w is None else w.exp() * mse - w
     terms = dict(loss=loss.detach().mean(), mse=mse.detach().mean(), tangent_rms=g_norm.mean(),
+                 F_gap=(F_theta.detach() - F_m).square().mean().sqrt(),
                  F_minus_rms=F_m.square().mean().sqrt(), dxdt_rms=_wide(dxdt).square().mean().sqrt(),
                  w=(w.detach().mean() if w is not None else torch.zeros((), device=x_t.device)))
     return loss.mean(), terms

@@ -1,0 +1,296 @@
+"""Sample from a checkpoint of train_teacher.py, train_scd.py or train_sct.py, and edit images zero-shot.
+
+  python sample.py runs/scd-mnist-s/checkpoint.pt --grid samples.png                 # 1-step grid
+  python sample.py runs/scd-mnist-s/checkpoint.pt --steps 2 --grid samples2.png     # 2-step, through t = 1.1
+  python sample.py runs/teacher-mnist-s/checkpoint.pt --grid teacher.png            # teacher: Heun, 35 NFE
+  torchrun --nproc_per_node=8 sample.py ckpt.pt -n 50000 --npz samples.npz           # sharded, for FID
+  python sample.py ckpt.pt --edit inpaint --input img.png --mask mask.png           # zero-shot edits (below)
+
+Image i always gets the noise of seed (--seed, i), so a sharded run writes the same images as a single process.
+Zero-shot editing is Consistency Models (Song et al. 2023) Alg. 4 in TrigFlow time (spec §8): inpaint, colorize,
+superres, stroke (SDEdit), denoise, interpolate. Each reads --input (and --mask, --input2) and writes
+<input>-<edit>.png beside it.
+"""
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import trigflow as tf
+import training
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a network and making per-image noise.
+
+
+def load_net(path, raw=False, device='cpu'):
+    """(network, checkpoint) with the EMA weights (or the raw ones) of any of the three training scripts."""
+    ckpt = training.load_checkpoint(path)
+    net = training.build_net(dict(ckpt['model_kwargs'], dropout=0.0))
+    net.load_state_dict(ckpt['net' if raw else 'ema'])
+    return net.eval().requires_grad_(False).to(device), ckpt
+
+
+def data_info(ckpt):
+    """(C, H, W) and whether the model works in SD-VAE latent space."""
+    if 'data' in ckpt:
+        return tuple(ckpt['data']['shape']), ckpt['data']['is_latent']
+    kw = ckpt['model_kwargs']
+    C, R = (kw['img_channels'], kw['img_resolution']) if kw['arch'] == 'unet' else (kw['in_channels'], kw['input_size'])
+    return (C, R, R), str(ckpt['config'].get('data', '')).endswith('.npy')
+
+
+def seeded_randn(seed, indices, shape, device):
+    """Standard normal noise of shape [len(indices), *shape], image i drawn from its own generator (seed, i)."""
+    gens = [torch.Generator().manual_seed(training.step_seed(seed, 0, 0, int(i))) for i in indices]
+
+    def randn_like(x):   # later draws (2-step re-noising) continue each image's own generator
+        return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
+    z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    return z, randn_like
+
+
+def make_F(net, ckpt, labels, cfg):
+    """F(u, t) with class labels and guidance: a guided sCD student takes s as an input; a teacher is guided by
+    mixing its conditional and unconditional outputs (trigflow.guided)."""
+    if cfg == 1 or labels is None:
+        s = None
+    elif ckpt['model_kwargs'].get('cfg_embed'):
+        s = torch.full((labels.shape[0],), float(cfg), device=labels.device)
+    else:
+        return tf.guided(lambda u, t: net(u, t, labels), lambda u, t: net(u, t, torch.full_like(labels, -1)), cfg)
+    return lambda u, t: net(u, t, labels, s)
+
+
+@torch.no_grad()
+def generate(net, ckpt, z, labels, args, randn_like):
+    F = make_F(net, ckpt, labels, args.cfg)
+    z = z * tf.SIGMA_D                                           # x_{t_max} ~ N(0, sigma_d^2 I)
+    if ckpt['method'] == 'teacher' or args.sampler == 'heun':
+        return tf.sample_heun(F, z, num_steps=args.heun_steps)
+    ts = tuple(args.ts) if args.ts else ((tf.T_MAX,) if args.steps == 1 else (tf.T_MAX, tf.T_MID))
+    return tf.sample_consistency(F, z, ts, randn_like=randn_like)
+
+
+def to_images(x, ckpt):
+    """Network space -> pixels in [-1, 1]. SD-VAE latents are un-normalized and decoded (needs diffusers)."""
+    if not data_info(ckpt)[1]:
+        return x.clamp(-1, 1)
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise training.UserError('this model generates SD-VAE latents; `pip install diffusers` to decode them '
+                                 '(stabilityai/sd-vae-ft-mse), or pass --npz to save the raw latents') from None
+    vae = getattr(to_images, 'vae', None) or AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-mse').to(x.device)
+    to_images.vae = vae
+    return vae.decode(data.denormalize_latents(x.float())).sample.clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot editing (Consistency Models 2023, Alg. 4 and App. D), in TrigFlow time (spec §8). Every edit is a linear
+# map A with inverse A^-1 and a mask Omega: 1 = generate, 0 = keep from the reference y.
+
+GRAY = (0.2989, 0.5870, 0.1140)                                  # luminance weights (CM 2023 App. D)
+
+
+def orthogonal_basis(first):
+    """An orthogonal matrix whose first column is `first` normalized (QR, sign fixed so that column is positive)."""
+    first = torch.as_tensor(first, dtype=torch.float64)
+    n = first.numel()
+    M = torch.eye(n, dtype=torch.float64)
+    M[:, 0] = first
+    Q, _ = torch.linalg.qr(M)
+    return Q * torch.sign(Q[:, 0] @ first)
+
+
+def colorization_ops(x_like):
+    """A maps RGB to a basis whose first axis is luminance: A(x)[k] = sum_c x[c] Q[c, k]. Omega keeps axis 0."""
+    Q = orthogonal_basis(GRAY).to(x_like)
+    A = lambda x: torch.einsum('bchw,ck->bkhw', x, Q)
+    Ainv = lambda y: torch.einsum('bkhw,ck->bchw', y, Q)
+    Omega = torch.ones_like(x_like)
+    Omega[:, 0] = 0
+    return A, Ainv, Omega
+
+
+def superres_ops(x_like, p):
+    """A maps each p x p patch (per channel) to coefficients in an orthogonal basis whose first vector is the patch
+    mean direction; Omega keeps coefficient 0 (the patch mean) and generates the rest."""
+    B, C, H, W = x_like.shape
+    Q = orthogonal_basis(torch.ones(p * p)).to(x_like)
+
+    def A(x):                                                     # [B, C, H, W] -> [B, C, p*p, H/p, W/p]
+        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4).reshape(B, C, p * p, H // p, W // p)
+        return torch.einsum('bcmhw,mk->bckhw', patches, Q)
+
+    def Ainv(y):
+        patches = torch.einsum('bckhw,mk->bcmhw', y, Q).reshape(B, C, p, p, H // p, W // p)
+        return patches.permute(0, 1, 4, 2, 5, 3).reshape(B, C, H, W)
+    Omega = torch.ones(B, C, p * p, H // p, W // p, dtype=x_like.dtype, device=x_like.device)
+    Omega[:, :, 0] = 0
+    return A, Ainv, Omega
+
+
+def identity_ops(mask):
+    return (lambda x: x), (lambda y: y), mask
+
+
+@torch.no_grad()
+def edit(F, y, A, Ainv, Omega, ts, randn_like=torch.randn_like, clamp=True):
+    """CM 2023 Alg. 4 in TrigFlow time: start from y noised to ts[0]; at each time denoise with f, then put back the
+    kept part A(y) (1 - Omega); re-noise the estimate to the next time as x_t = cos t x0 + sin t z."""
+    y = Ainv(A(y) * (1 - Omega))
+    x = math.cos(ts[0]) * y + math.sin(ts[0]) * tf.SIGMA_D * randn_like(y)
+    for i, t in enumerate(ts):
+        if i > 0:
+            x = math.cos(t) * x + math.sin(t) * tf.SIGMA_D * randn_like(x)
+        x = tf.consistency_fn(F, x, torch.full((x.shape[0],), t, device=x.device))
+        if clamp:
+            x = x.clamp(-1, 1)
+        x = Ainv(A(y) * (1 - Omega) + A(x) * Omega)
+    return x
+
+
+def edit_times(n=40):
+    """The CM 2023 editing schedule: EDM's grid with N = 40 (rho = 7), as TrigFlow times, descending."""
+    return [float(tf.t_from_sigma(s)) for s in tf.edm_sigmas(n)[:-1]]
+
+
+def slerp(z1, z2, alpha):
+    """Spherical interpolation of two noises (CM 2023 App. D)."""
+    cos = (z1 * z2).flatten(1).sum(1) / (z1.flatten(1).norm(dim=1) * z2.flatten(1).norm(dim=1))
+    psi = torch.acos(cos.clamp(-1, 1)).reshape(-1, *([1] * (z1.ndim - 1)))
+    return (torch.sin((1 - alpha) * psi) * z1 + torch.sin(alpha * psi) * z2) / torch.sin(psi)
+
+
+def run_edit(net, ckpt, args, device):
+    C, H, W = data_info(ckpt)[0]
+    labels = None if not ckpt['model_kwargs'].get('label_dim') else torch.tensor([args.label], device=device)
+    F = make_F(net, ckpt, labels, args.cfg)
+    torch.manual_seed(args.seed)
+    if args.edit == 'interpolate':
+        z1, _ = seeded_randn(args.seed, [0], (C, H, W), device)
+        z2, _ = seeded_randn(args.seed, [1], (C, H, W), device)
+        alphas = torch.linspace(0, 1, args.num or 9)
+        z = torch.cat([slerp(z1, z2, float(a)) for a in alphas]) * tf.SIGMA_D
+        Fb = make_F(net, ckpt, None if labels is None else labels.repeat(len(alphas)), args.cfg)
+        out = tf.sample_consistency(Fb, z)
+        path = os.path.join(os.path.dirname(args.npz or args.grid or 'interpolate.png') or '.', 'interpolate.png')
+        data.save_grid(out.cpu(), path, nrow=len(alphas))
+        return path
+    if not args.input:
+        raise training.UserError(f'--edit {args.edit} needs --input IMAGE.png')
+    y = data.load_image(args.input, C).to(device)
+    if y.shape[-2:] != (H, W):
+        raise training.UserError(f'{args.input} is {y.shape[-1]}x{y.shape[-2]} but the model makes {W}x{H} images')
+    if args.edit == 'denoise':                                    # one evaluation: f(cos t x_noisy, t)
+        t = float(tf.t_from_sigma(args.sigma))
+        noisy = y + args.sigma * torch.randn_like(y)
+        out = tf.consistency_fn(F, math.cos(t) * noisy, torch.full((1,), t, device=device))
+        out = torch.cat([y, noisy.clamp(-1, 1), out.clamp(-1, 1)])
+    else:
+        ts = edit_times(args.edit_steps)
+        if args.edit == 'inpaint':
+            if not args.mask:
+                raise training.UserError('--edit inpaint needs --mask MASK.png (white = generate)')
+            mask = (data.load_image(args.mask, 1).to(device) > 0).to(y.dtype).expand_as(y)
+            ops = identity_ops(mask)
+        elif args.edit == 'colorize':
+            if C != 3:
+                raise training.UserError('--edit colorize needs an RGB model')
+            gray = (y * torch.tensor(GRAY, device=device).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(y)
+            y = gray.clone()
+            ops = colorization_ops(y)
+        elif args.edit == 'superres':
+            if H % args.patch or W % args.patch:
+                raise training.UserError(f'--patch {args.patch} must divide the image size {W}x{H}')
+            ops = superres_ops(y, args.patch)
+        elif args.edit == 'stroke':                                # SDEdit: noise the painting to 1.4781, 1.3512
+            ops, ts = identity_ops(torch.ones_like(y)), [1.4781, 1.3512]
+        out = edit(F, y, *ops, ts)
+        out = torch.cat([y, out])
+    base, _ = os.path.splitext(args.input)
+    path = f'{base}-{args.edit}.png'
+    data.save_grid(out.cpu(), path, nrow=out.shape[0])
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('checkpoint')
+    p.add_argument('--raw', action='store_true', help='the raw weights instead of the EMA')
+    p.add_argument('--steps', type=int, default=1, choices=[1, 2], help='consistency steps: 1, or 2 through t = 1.1')
+    p.add_argument('--ts', type=float, nargs='+', help='any list of descending TrigFlow times (overrides --steps)')
+    p.add_argument('--sampler', choices=['consistency', 'heun'], default='consistency',
+                   help='heun: the ODE sampler (always used for a teacher)')
+    p.add_argument('--heun-steps', type=int, default=18, help='Heun steps: 18 = 35 NFE, 32 = 63 NFE')
+    p.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale (1 = none)')
+    p.add_argument('--label', type=int, default=None, help='class of every image (default: image index mod classes)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--grid', help='write a PNG grid of --num (default 64) images')
+    p.add_argument('-n', '--num', type=int, default=None, help='number of images (use -n under torchrun)')
+    p.add_argument('--npz', help='write --num images as uint8 [N, H, W, C] to this .npz (key "samples")')
+    p.add_argument('--batch', type=int, default=64)
+    p.add_argument('--edit', choices=['inpaint', 'colorize', 'superres', 'stroke', 'denoise', 'interpolate'])
+    p.add_argument('--input', help='image to edit (PNG/JPG)')
+    p.add_argument('--mask', help='inpainting mask: white = generate')
+    p.add_argument('--patch', type=int, default=4, help='super-resolution patch size')
+    p.add_argument('--sigma', type=float, default=0.5, help='denoising: EDM noise level of the input')
+    p.add_argument('--edit-steps', type=int, default=40, help='editing schedule length (CM 2023: 40)')
+    args = p.parse_args()
+
+    rank, world, device = training.init_distributed()
+    net, ckpt = load_net(args.checkpoint, args.raw, device)
+    if args.edit:
+        if args.label is None:
+            args.label = 0
+        if rank == 0:
+            print(run_edit(net, ckpt, args, device))
+        return
+    if not (args.grid or args.npz):
+        raise training.UserError('nothing to write: pass --grid PNG and/or --npz FILE')
+    num = args.num or 64
+    C, H, W = data_info(ckpt)[0]
+    classes = ckpt['model_kwargs'].get('label_dim', 0)
+    mine = list(range(rank, num, world))
+    out = []
+    for i in tqdm(range(0, len(mine), args.batch), disable=rank != 0, desc='sampling'):
+        idx = mine[i:i + args.batch]
+        z, randn_like = seeded_randn(args.seed, idx, (C, H, W), device)
+        labels = None
+        if classes:
+            labels = torch.tensor([args.label if args.label is not None else j % classes for j in idx], device=device)
+        x = to_images(generate(net, ckpt, z, labels, args, randn_like), ckpt)
+        out.append(data.to_uint8(x.cpu()))
+    mine_images = np.concatenate(out) if out else np.zeros((0, H, W, C), np.uint8)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine_images)
+    else:
+        gathered = [mine_images]
+    if rank == 0:
+        images = np.zeros((num,) + mine_images.shape[1:], np.uint8)
+        for r, part in enumerate(gathered):
+            images[r::world] = part
+        if args.npz:
+            tmp = args.npz + '.tmp.npz'
+            np.savez(tmp, samples=images)
+            os.replace(tmp, args.npz)
+            print(f'wrote {num} images to {args.npz}')
+        if args.grid:
+            grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            data.save_grid(grid, args.grid)
+            print(f'wrote {args.grid}')
+
+
+if __name__ == '__main__':
+    training.main_guard(main)
