@@ -5,15 +5,15 @@ Every network is called as  F = net(u, t, labels=None, s=None)  and returns F wi
   u       x_t / sigma_d, the unit-variance input of Eq. 23
   t       TrigFlow time [B] in [0, pi/2]; c_noise(t) = t goes into a positional embedding (§4.1)
   labels  class indices [B] (long); -1 is "no label", the null class of classifier-free guidance
-  s       CFG scale [B] seen by a guided sCD student (§4, ImageNet 512); None means s = 1
+  s       CFG scale [B] seen by a guided sCD student (App. G, ImageNet 512); None means s = 1
 
 The forward pass is functional (no in-place ops on activations, no weight updates inside forward), so that
 torch.func.jvp works in train and eval mode, in fp32 and under bf16/fp16 autocast. EDM2's forced weight
 normalization moved out of forward into `project_weights_()`, which a trainer calls after each optimizer step.
 
-Paper choices made here, where the sCM paper is silent (UNCONFIRMED in the spec), each tested in test_scm.py:
+Choices made here where the sCM paper is silent:
   * c_noise(t) = t is fed raw (no x1000) to a positional embedding: its frequencies then match the paper's
-    "Fourier scale ~0.02" (spec §3.1).
+    "Fourier scale ~0.02" (§4.1): with max_positions 10^4, the mean frequency over channels is ~0.1 rad per unit t.
   * Adaptive double normalization (ADN, §4.1) y = norm(x) * pnorm(s(t)) + pnorm(b(t)). In the DiT and the MLP,
     which have a shift natively, both terms are used. EDM2's block has a scale only (c = 1 + gain * W emb); we
     normalize both the feature map and that scale, and add no shift: a shift would add ~5% parameters, while
@@ -198,7 +198,7 @@ class UNet(nn.Module):
     """EDM2 U-Net (EDM2 Fig. 21) as sCM uses it for ImageNet 64 and 512 (App. G.1): positional embedding of
     c_noise(t) = t, ADN, dropout only at resolutions <= dropout_res, class labels, and for guided sCD an
     embedding of the CFG scale s added to the time embedding with a zero-initialized gain, so that a student with
-    it starts as exactly the teacher without it (the paper: 'added like the label', §4)."""
+    it starts as exactly the teacher without it (the paper: 'added like the label', App. G)."""
 
     def __init__(self, img_resolution, img_channels,
                  label_dim=0,               # number of classes; 0 = unconditional

@@ -7,9 +7,9 @@
   python sample.py ckpt.pt --edit inpaint --input img.png --mask mask.png           # zero-shot edits (below)
 
 Image i always gets the noise of seed (--seed, i), so a sharded run writes the same images as a single process.
-Zero-shot editing is Consistency Models (Song et al. 2023) Alg. 4 in TrigFlow time (spec §8): inpaint, colorize,
-superres, stroke (SDEdit), denoise, interpolate. Each reads --input (and --mask, --input2) and writes
-<input>-<edit>.png beside it.
+Zero-shot editing is Consistency Models (Song et al. 2023) Alg. 4 in TrigFlow time (x_t = cos t x0 + sin t z): inpaint, colorize,
+superres, stroke (SDEdit), denoise, interpolate. Each reads --input (and --mask) and writes <input>-<edit>.png
+beside it; interpolate needs no input and writes --grid (default interpolate.png).
 """
 import argparse
 import math
@@ -93,7 +93,7 @@ def to_images(x, ckpt):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Zero-shot editing (Consistency Models 2023, Alg. 4 and App. D), in TrigFlow time (spec §8). Every edit is a linear
+# Zero-shot editing (Consistency Models 2023, Alg. 4 and App. D), in TrigFlow time. Every edit is a linear
 # map A with inverse A^-1 and a mask Omega: 1 = generate, 0 = keep from the reference y.
 
 GRAY = (0.2989, 0.5870, 0.1140)                                  # luminance weights (CM 2023 App. D)
@@ -126,12 +126,14 @@ def superres_ops(x_like, p):
     Q = orthogonal_basis(torch.ones(p * p)).to(x_like)
 
     def A(x):                                                     # [B, C, H, W] -> [B, C, p*p, H/p, W/p]
-        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4).reshape(B, C, p * p, H // p, W // p)
+        b = x.shape[0]                                            # any batch size, not just x_like's
+        patches = x.reshape(b, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, C, p * p, H // p, W // p)
         return torch.einsum('bcmhw,mk->bckhw', patches, Q)
 
     def Ainv(y):
-        patches = torch.einsum('bckhw,mk->bcmhw', y, Q).reshape(B, C, p, p, H // p, W // p)
-        return patches.permute(0, 1, 4, 2, 5, 3).reshape(B, C, H, W)
+        b = y.shape[0]
+        patches = torch.einsum('bckhw,mk->bcmhw', y, Q).reshape(b, C, p, p, H // p, W // p)
+        return patches.permute(0, 1, 4, 2, 5, 3).reshape(b, C, H, W)
     Omega = torch.ones(B, C, p * p, H // p, W // p, dtype=x_like.dtype, device=x_like.device)
     Omega[:, :, 0] = 0
     return A, Ainv, Omega
@@ -181,7 +183,7 @@ def run_edit(net, ckpt, args, device):
         z = torch.cat([slerp(z1, z2, float(a)) for a in alphas]) * tf.SIGMA_D
         Fb = make_F(net, ckpt, None if labels is None else labels.repeat(len(alphas)), args.cfg)
         out = tf.sample_consistency(Fb, z)
-        path = os.path.join(os.path.dirname(args.npz or args.grid or 'interpolate.png') or '.', 'interpolate.png')
+        path = args.grid or 'interpolate.png'
         data.save_grid(out.cpu(), path, nrow=len(alphas))
         return path
     if not args.input:

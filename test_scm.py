@@ -282,7 +282,7 @@ def _flat_grad(net):
 def test_scm_gradient_is_limit_of_discrete_consistency_gradient():
     """sCM's gradient (Eq. 8 with unit w, r = 1, no normalization) equals the dt -> 0 limit of the discrete CM
     gradient  w(t)/D * grad ||f_theta(x_t, t) - f_theta-(x_{t-dt}, t-dt)||^2 / dt  with the prior weight
-    w(t) = 1/(sd tan t) (sec. 3.1), where x_{t-dt} follows the exact PF-ODE of the (Gaussian) teacher."""
+    w(t) = 1/(sd tan t) (sCM §4.2), where x_{t-dt} follows the exact PF-ODE of the (Gaussian) teacher."""
     mu, s = gauss_params(D=4)
     torch.manual_seed(0)
     net = model.MLP(dim=4, hidden=32, depth=2).double()

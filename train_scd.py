@@ -1,4 +1,4 @@
-"""sCD: continuous-time consistency distillation from a TrigFlow teacher (sCM §4, Alg. 1).
+"""sCD: continuous-time consistency distillation from a TrigFlow teacher (sCM Alg. 1, App. G).
 
   python train_scd.py --preset mnist-s --teacher runs/teacher-mnist-s/checkpoint.pt
   torchrun --nproc_per_node=8 train_scd.py --size xl --data in512-latents.npy --teacher runs/teacher-xl/checkpoint.pt

@@ -1,4 +1,4 @@
-"""sCT: continuous-time consistency training from data (sCM §4, Alg. 1), started from a TrigFlow teacher's EMA.
+"""sCT: continuous-time consistency training from data (sCM Alg. 1, App. G), started from a TrigFlow teacher's EMA.
 
   python train_sct.py --preset mnist-s --teacher runs/teacher-mnist-s/checkpoint.pt
   torchrun --nproc_per_node=8 train_sct.py --size xl --data in512-latents.npy --teacher runs/teacher-xl/checkpoint.pt

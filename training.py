@@ -201,7 +201,7 @@ def load_checkpoint(path):
 
 
 def load_teacher(path, kwargs):
-    """The EMA weights of a trained TrigFlow teacher (sCM §4: students start from them; sCD also distills them)."""
+    """The EMA weights of a trained TrigFlow teacher (sCM App. G: students start from them; sCD also distills them)."""
     if not path:
         raise UserError('this method starts from a TrigFlow teacher: pass --teacher runs/teacher-<preset>/checkpoint.pt')
     ckpt = load_checkpoint(path)

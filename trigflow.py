@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-SIGMA_D = 0.5                                   # sCM §2.1: data std of pixels in [-1, 1] and of normalized latents
+SIGMA_D = 0.5                                   # sCM §3: data std of pixels in [-1, 1] and of normalized latents
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0              # EDM's noise range (Karras et al. 2022), used by the samplers
 T_MIN = math.atan(SIGMA_MIN / SIGMA_D)          # 0.0040
 T_MAX = math.atan(SIGMA_MAX / SIGMA_D)          # 1.5645464: the 1-step start time (App. B.2, Table 5)
-T_MID = 1.1                                     # the 2-step intermediate time, the same for every model (§5)
+T_MID = 1.1                                     # the 2-step intermediate time, the same for every model (sCM §5.2)
 
 
 def _wide(x):
@@ -40,11 +40,11 @@ def _bc(a, x):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# TrigFlow (§2.1, App. B) and its relation to EDM (App. B.2).
+# TrigFlow (§3, App. B) and its relation to EDM (App. B.2).
 
 
 def forward_process(x0, t, z):
-    """x_t = cos(t) x0 + sin(t) z and the velocity target v_t = dx_t/dt = cos(t) z - sin(t) x0 (§2.1)."""
+    """x_t = cos(t) x0 + sin(t) z and the velocity target v_t = dx_t/dt = cos(t) z - sin(t) x0 (§3)."""
     cos, sin = _bc(t.cos(), x0), _bc(t.sin(), x0)
     return cos * x0 + sin * z, cos * z - sin * x0
 
@@ -104,7 +104,7 @@ def F_from_edm_network(F_edm, sigma_d=SIGMA_D, c_noise=lambda sigma: sigma.log()
 
 def sample_t(n, P_mean, P_std, sigma_d=SIGMA_D, device=None, generator=None):
     """Log-normal proposal: log(sigma_d tan t) ~ N(P_mean, P_std^2) (App. A, Alg. 1). The paper gives no clamp; we
-    clamp to [T_MIN, T_MAX], the samplers' range (spec §2.7), so that t never reaches 0 or pi/2 exactly."""
+    clamp to [T_MIN, T_MAX], the samplers' range, so that t never reaches 0 or pi/2 exactly."""
     tau = torch.randn(n, device=device, generator=generator) * P_std + P_mean
     return torch.atan(tau.exp() / sigma_d).clamp(T_MIN, T_MAX)
 
@@ -155,7 +155,7 @@ class AdaptiveWeight(nn.Module):
 
 def diffusion_loss(F, x0, t, z, w=None, sigma_d=SIGMA_D):
     """TrigFlow diffusion loss (Eq. 4/25) for the teacher: mean over elements of (F(x_t/sigma_d, t) - v_t/sigma_d)^2,
-    i.e. ||sigma_d F - v_t||^2 / (sigma_d^2 D), which is EDM's weighting of the x0 error (spec §1.2). With w = w_phi(t)
+    i.e. ||sigma_d F - v_t||^2 / (sigma_d^2 D), which is EDM's weighting of the x0 error: D - x0 = -sin(t) (sigma_d F - v_t). With w = w_phi(t)
     [B], EDM2's uncertainty weighting in Eq. 8's form: e^w * mse - w. Returns (loss averaged over the batch, mse [B])."""
     x_t, v_t = forward_process(x0, t, z)
     mse = (_wide(F(x_t / sigma_d, t)) - _wide(v_t) / sigma_d).square().flatten(1).mean(1)
@@ -210,7 +210,7 @@ def scm_tangent(F, x_t, t, dxdt, r=1.0, dt=None, sigma_d=SIGMA_D):
 def normalize_tangent(g, c=0.1, kind='rms'):
     """Tangent normalization g / (||g|| + c) with c = 0.1 (§4.2, all experiments).
 
-    The paper's ||g|| is UNCONFIRMED (spec §2.4). We default to the RMS norm ||g|| / sqrt(D), as Sana-Sprint does:
+    The paper does not say which norm ||g|| is. We default to the RMS norm ||g|| / sqrt(D), as Sana-Sprint does:
     c = 0.1 is then compared with the per-element size of g, as is the paper's alternative (clipping g to [-1, 1]
     element-wise), and its effect does not change with resolution. With the plain l2 norm (kind='l2') and D >= 784,
     ||g|| >> 0.1 for any tangent that matters and c does nothing. Either way ||g_normalized|| < 1 in its own norm."""
@@ -229,11 +229,11 @@ def scm_loss(F, x_t, t, dxdt, *, F_minus=None, w=None, r=1.0, c=0.1, tangent_nor
         (e^{w_phi(t)} / D) ||F_theta(x_t/sigma_d, t) - F_theta-(x_t/sigma_d, t) - g||^2 - w_phi(t)
 
     Its value is the weighted norm of g; its gradient pulls F_theta toward F_theta- + g, which equals the
-    continuous-time CM gradient with the prior weighting 1/(sigma_d tan t) (§3.1, Eq. 2; test_scm_gradient_is_limit).
+    continuous-time CM gradient with the prior weighting 1/(sigma_d tan t) (§4.2, Eq. 2; test_scm_gradient_is_limit).
 
     F        the network with gradient (under DDP: the wrapped model)
     dxdt     dx_t/dt: cos(t) z - sin(t) x0 for sCT; sigma_d F_teacher(x_t/sigma_d, t), from the teacher's EMA, for sCD
-    F_minus  the same weights for the no-grad tangent pass, theta- = stopgrad(theta) (§3.1). Under DDP pass the bare
+    F_minus  the same weights for the no-grad tangent pass, theta- = stopgrad(theta) (Eq. 2). Under DDP pass the bare
              module (model.module): the JVP then touches no DDP hooks and all ranks stay identical. Default: F.
     w        w_phi(t) [B] from AdaptiveWeight (trained jointly), or None for unit weight
     r        tangent warmup factor; c, tangent_norm: tangent normalization (c=None switches it off)
@@ -284,7 +284,7 @@ def guided(F_cond, F_uncond, s):
 
 @torch.no_grad()
 def sample_consistency(F, z, ts=(T_MAX,), sigma_d=SIGMA_D, randn_like=torch.randn_like):
-    """Multistep consistency sampling (CM 2023 Alg. 1 in TrigFlow time, §5): x0 = f(z, ts[0]); then for each later
+    """Multistep consistency sampling (CM 2023 Alg. 1 in TrigFlow time): x0 = f(z, ts[0]); then for each later
     time t: re-noise x_t = cos(t) x0 + sin(t) sigma_d eps and x0 = f(x_t, t). z ~ N(0, sigma_d^2 I) stands for
     x_{t_max}. ts=(T_MAX,) is 1 step; (T_MAX, T_MID) is the paper's 2 steps. randn_like draws eps (pass a seeded
     one for reproducible per-image noise)."""
@@ -306,8 +306,8 @@ def edm_sigmas(num_steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0):
 @torch.no_grad()
 def sample_heun(F, z, num_steps=18, sigma_d=SIGMA_D, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0):
     """The teacher's ODE sampler: EDM's deterministic Heun (Karras et al. 2022, Alg. 1) on the EDM grid, run in EDM
-    variables x_sigma = x_t / cos(t). This is the DPM-Solver-2S with Heun's intermediate time the paper uses (§5,
-    App. B.1). 2 num_steps - 1 NFE: 18 steps = 35 NFE (CIFAR-10), 32 steps = 63 NFE (ImageNet).
+    variables x_sigma = x_t / cos(t). This is the DPM-Solver-2S with Heun's intermediate time the paper uses
+    (App. B.1). 2 num_steps - 1 NFE: 18 steps = 35 NFE (CIFAR-10), 32 steps = 63 NFE (ImageNet).
     z ~ N(0, sigma_d^2 I) stands for x_{t_max}, t_max = arctan(sigma_max / sigma_d)."""
     B = z.shape[0]
     sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
