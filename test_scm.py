@@ -691,6 +691,15 @@ def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
     fails('train_scd.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--s-max', 1, match='--teacher')
     fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tmp_path / 'no.pt',
           match='no checkpoint')
+    # an unreadable image inside a folder (decoded lazily, so it fails in the loop), and a too-small dataset
+    import shutil
+    broken = tmp_path / 'broken'
+    shutil.copytree(image_folder, broken)
+    for f in sorted(os.listdir(broken))[8:]:
+        os.remove(broken / f)
+    (broken / 'zz.png').write_text('not an image')
+    fails('train_teacher.py', *base, '--data', broken, '--batch', 9, '--out', tmp_path / 'x1', match='zz.png')
+    fails('train_teacher.py', *base, '--data', broken, '--batch', 18, '--out', tmp_path / 'x2', match='fewer than')
     # a teacher of another architecture
     fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tiny_teacher,
           '--model', 'DiT-tiny', match='another architecture')

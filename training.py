@@ -326,6 +326,7 @@ class Run:
         if (args.batch // self.world) % self.batch_gpu:
             raise UserError(f'--batch-gpu {self.batch_gpu} must divide the per-process batch {args.batch // self.world}')
         self.accum = args.batch // self.world // self.batch_gpu
+        batch_indices(len(self.dataset), self.batch_gpu, self.rank, self.world, args.seed, 0)   # too small: fail now
 
         self.amp_dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.precision]
         torch.manual_seed(args.seed)                        # the same initial weights on every rank and every run
@@ -411,11 +412,26 @@ class Run:
         """The loop. loss_fn(x0, labels, step) -> (loss, terms) for one micro-batch (it reads self.ddp_net etc.);
         sample_fn(net, z, labels) -> {name: images in data space} for the grid PNGs."""
         args = self.args
-        stream = data_stream(self.dataset, self.batch_gpu, self.rank, self.world, args.seed,
-                             self.step * self.accum, args.workers)
-        log_path = os.path.join(args.out, 'log.jsonl')
         bar = tqdm(total=args.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
                    desc=f'{self.method} {args.preset}')
+        try:
+            self._loop(bar, loss_fn, sample_fn)
+        finally:
+            bar.close()                                  # before any error message, so that it is the last line
+        digest = self.weights_digest()
+        if self.world > 1:
+            digests = [None] * self.world
+            dist.all_gather_object(digests, digest)
+            if self.is_main:
+                print(f'weights sha256 per rank: {[d[:16] for d in digests]}; identical: {len(set(digests)) == 1}')
+        elif self.is_main:
+            print(f'weights sha256: {digest[:16]}')
+
+    def _loop(self, bar, loss_fn, sample_fn):
+        args = self.args
+        log_path = os.path.join(args.out, 'log.jsonl')
+        stream = data_stream(self.dataset, self.batch_gpu, self.rank, self.world, args.seed,
+                             self.step * self.accum, args.workers)
         grid_gen = torch.Generator().manual_seed(12345)
         C, H, W = self.dataset.shape
         n_grid = 64 if H <= 64 else 16
@@ -485,15 +501,6 @@ class Run:
                 self.save()
             if self.is_main and args.sample_every and (self.step % args.sample_every == 0 or self.step == args.steps):
                 self.write_grids(sample_fn, grid_z, grid_labels)
-        bar.close()
-        digest = self.weights_digest()
-        if self.world > 1:
-            digests = [None] * self.world
-            dist.all_gather_object(digests, digest)
-            if self.is_main:
-                print(f'weights sha256 per rank: {[d[:16] for d in digests]}; identical: {len(set(digests)) == 1}')
-        elif self.is_main:
-            print(f'weights sha256: {digest[:16]}')
 
     def _nonfinite(self, terms):
         bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
