@@ -429,11 +429,13 @@ UNET_PRESETS = {
     # 4 blocks, attention at 16) in EDM2 blocks, dropout in all layers as in §G.2.
     'cifar10':  dict(img_resolution=32, img_channels=3, label_dim=0, model_channels=128, channel_mult=(2, 2, 2),
                      num_blocks=4, attn_resolutions=(16,), dropout_res=32),
-    # Small CPU presets: 28x28 grayscale (MNIST, Fashion-MNIST) and a tiny net for the tests.
+    # Small CPU presets: 28x28 grayscale (MNIST, Fashion-MNIST), 32x32 RGB (CIFAR-10) and a tiny net for the tests.
     'mnist':    dict(img_resolution=28, img_channels=1, label_dim=10, model_channels=32, channel_mult=(1, 2, 2),
                      num_blocks=2, attn_resolutions=(7,), channels_per_head=32, dropout_res=28),
     'mnist-s':  dict(img_resolution=28, img_channels=1, label_dim=10, model_channels=16, channel_mult=(1, 2, 2),
                      num_blocks=1, attn_resolutions=(7,), channels_per_head=32, dropout_res=28),
+    'cifar10-s': dict(img_resolution=32, img_channels=3, label_dim=10, model_channels=16, channel_mult=(1, 2, 2),
+                      num_blocks=1, attn_resolutions=(8,), channels_per_head=32, dropout_res=32),   # CPU, RGB
     'tiny':     dict(img_resolution=16, img_channels=1, label_dim=0, model_channels=8, channel_mult=(1, 2),
                      num_blocks=1, attn_resolutions=(8,), channels_per_head=8, dropout_res=16),
 }
