@@ -1,0 +1,167 @@
+"""Cost of sCM training and sampling, side by side on one model and one batch (README, "Cost").
+
+  python bench.py                       # CPU: two U-Net sizes (0.3M and ~14M parameters), a few minutes
+  python bench.py --device cuda --precision bf16 --batch 128 --sizes mnist-s big    # on a GPU
+
+For each model size, one optimizer step of each kind, in rotation so that load on a shared machine hits them alike:
+  diffusion  the teacher's step: F forward with gradient, TrigFlow loss (Eq. 4), backward
+  sCT        the JVP pass (no grad) for F_theta- and its tangent, F forward with gradient, backward (Alg. 1)
+  sCD        sCT plus one no-grad forward of the (frozen) teacher for dx_t/dt; a guided teacher costs one more
+and sampling: 1 and 2 consistency steps against the teacher's EDM Heun with 18 steps (35 NFE).
+Reports the median time of each, the ratio to the diffusion step, and the peak memory above the model's own
+(CUDA: max_memory_allocated; CPU: the process's resident-set high-water mark, measured in a fresh process per kind).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import model
+import trigflow as tf
+
+SIZES = {   # name -> U-Net kwargs (28x28 grayscale like Fashion-MNIST, 32x32 RGB for the bigger one)
+    'mnist-s': model.UNET_PRESETS['mnist-s'],
+    'big': dict(img_resolution=32, img_channels=3, label_dim=10, model_channels=96, channel_mult=(1, 2, 2),
+                num_blocks=2, attn_resolutions=(8,), dropout_res=16),
+}
+
+
+def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
+    """One optimizer step of `kind` on the batch x0 (fresh t and z each call)."""
+    def step():
+        B = x0.shape[0]
+        t = tf.sample_t(B, -0.8, 1.6, device=x0.device)
+        z = torch.randn_like(x0) * tf.SIGMA_D
+        F = lambda u, t: net(u, t, labels)
+        with amp():
+            if kind == 'diffusion':
+                loss, _ = tf.diffusion_loss(F, x0, t, z, w=wnet(t))
+            else:
+                x_t, dxdt = tf.forward_process(x0, t, z)
+                if kind == 'sCD':
+                    with torch.no_grad():
+                        dxdt = tf.velocity(lambda u, t: teacher(u, t, labels), x_t, t)
+                loss, _ = tf.scm_loss(F, x_t, t, dxdt, w=wnet(t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def setup(args, size):
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    kw = SIZES[size]
+    net = model.UNet(**kw).to(device)
+    teacher = model.UNet(**kw).to(device).requires_grad_(False).eval()
+    wnet = tf.AdaptiveWeight().to(device)
+    opt = torch.optim.Adam(list(net.parameters()) + list(wnet.parameters()), lr=1e-4)
+    x0 = torch.rand(args.batch, kw['img_channels'], kw['img_resolution'], kw['img_resolution'], device=device) * 2 - 1
+    labels = torch.randint(0, kw['label_dim'], (args.batch,), device=device)
+    dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.precision]
+    amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else (lambda: torch.autocast(device.type, enabled=False))
+    return device, net, teacher, wnet, opt, x0, labels, amp
+
+
+def rss_mb():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+
+
+def child(args):
+    """Measure the peak memory of one kind in this (fresh) process; print one JSON line."""
+    device, net, teacher, wnet, opt, x0, labels, amp = setup(args, args.size)
+    step = make_step(args.kind, net, teacher, wnet, opt, x0, labels, amp)
+    sync(device)
+    # the base: weights, teacher and batch; the peak: over two steps (the first also creates Adam's state)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2 ** 20
+        step(), step()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        base = rss_mb()
+        step(), step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(kind=args.kind, extra_mb=peak - base)))
+
+
+def measure_memory(args, size, kind):
+    cmd = [sys.executable, __file__, '--child', '--size', size, '--kind', kind, '--device', args.device,
+           '--batch', str(args.batch), '--precision', args.precision]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])['extra_mb']
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--sizes', nargs='+', default=['mnist-s', 'big'], choices=sorted(SIZES))
+    p.add_argument('--batch', type=int, default=32)
+    p.add_argument('--rounds', type=int, default=5, help='timed rounds (after one warm-up round)')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--precision', choices=['fp32', 'bf16', 'fp16'], default='fp32')
+    p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+    p.add_argument('--size', help=argparse.SUPPRESS)
+    p.add_argument('--kind', help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    kinds = ['diffusion', 'sCT', 'sCD']
+    print(f'device {args.device} ({torch.get_num_threads()} threads), batch {args.batch}, {args.precision}, '
+          f'median of {args.rounds} rounds')
+    for size in args.sizes:
+        device, net, teacher, wnet, opt, x0, labels, amp = setup(args, size)
+        n_params = sum(p.numel() for p in net.parameters()) / 1e6
+        steps = {k: make_step(k, net, teacher, wnet, opt, x0, labels, amp) for k in kinds}
+        times = {k: [] for k in kinds}
+        for r in range(args.rounds + 1):                               # round 0 warms up
+            for k in kinds:
+                sync(device)
+                t0 = time.perf_counter()
+                steps[k]()
+                sync(device)
+                if r:
+                    times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        mem = {k: measure_memory(args, size, k) for k in kinds}
+        print(f'\n{size}: U-Net {n_params:.2f}M parameters, {tuple(x0.shape[1:])}')
+        print(f'  {"step":10s} {"s/step":>8s} {"x diffusion":>12s} {"peak MB":>9s} {"x diffusion":>12s}')
+        for k in kinds:
+            print(f'  {k:10s} {med[k]:8.3f} {med[k] / med["diffusion"]:12.2f} {mem[k]:9.0f} '
+                  f'{mem[k] / mem["diffusion"]:12.2f}')
+        net.eval()
+        z = torch.randn_like(x0) * tf.SIGMA_D
+        F = lambda u, t: net(u, t, labels)
+        samplers = {'1-step': lambda: tf.sample_consistency(F, z),
+                    '2-step': lambda: tf.sample_consistency(F, z, (tf.T_MAX, tf.T_MID)),
+                    'Heun 35 NFE': lambda: tf.sample_heun(F, z, 18)}
+        wall = {k: [] for k in samplers}
+        with torch.no_grad(), amp():
+            for r in range(3):
+                for k, fn in samplers.items():
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    wall[k].append(time.perf_counter() - t0)
+        wall = {k: statistics.median(v) for k, v in wall.items()}
+        for k in ('1-step', '2-step'):
+            print(f'  sampling {k}: {wall[k]:.3f} s, {wall["Heun 35 NFE"] / wall[k]:.1f}x faster than Heun 35 NFE '
+                  f'({wall["Heun 35 NFE"]:.3f} s), batch {args.batch}')
+        net.train()
+
+
+if __name__ == '__main__':
+    main()
