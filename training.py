@@ -37,6 +37,8 @@ def main_guard(main):
     """Run main(); print user errors as one line and exit 2, a stopped non-finite run exits 3."""
     try:
         main()
+        if dist.is_initialized():
+            dist.barrier()          # every rank done with its collectives before any tears the group down
     except (UserError, data.DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
