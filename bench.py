@@ -1,6 +1,6 @@
-"""Cost of sCM training and sampling, side by side on one model and one batch (README, "Cost").
+"""Cost of sCM training and sampling, side by side on one model and one batch.
 
-  python bench.py                       # CPU: two U-Net sizes (0.3M and ~14M parameters), a few minutes
+  python bench.py                       # CPU: two U-Net sizes (0.30M and 15.2M parameters), a few minutes
   python bench.py --device cuda --precision bf16 --batch 128 --sizes mnist-s big    # on a GPU
 
 For each model size, one optimizer step of each kind, in rotation so that load on a shared machine hits them alike:
