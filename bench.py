@@ -51,7 +51,20 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return step
+
+    def part():  # the pieces of an sCD step, to see where its time goes
+        B = x0.shape[0]
+        t = tf.sample_t(B, -0.8, 1.6, device=x0.device)
+        x_t, dxdt = tf.forward_process(x0, t, torch.randn_like(x0) * tf.SIGMA_D)
+        with amp(), torch.no_grad():
+            if kind == 'forward':
+                net(x_t / tf.SIGMA_D, t, labels)
+            else:  # 'JVP pass': F_theta- and its tangent, as in scm_loss
+                tf.scm_tangent(lambda u, t: net(u, t, labels), x_t, t, dxdt)
+    return part if kind in PARTS else step
+
+
+PARTS = ('forward', 'JVP pass')   # timed alongside the steps (no memory measured)
 
 
 def sync(device):
@@ -124,10 +137,10 @@ def main():
     for size in args.sizes:
         device, net, teacher, wnet, opt, x0, labels, amp = setup(args, size)
         n_params = sum(p.numel() for p in net.parameters()) / 1e6
-        steps = {k: make_step(k, net, teacher, wnet, opt, x0, labels, amp) for k in kinds}
-        times = {k: [] for k in kinds}
+        steps = {k: make_step(k, net, teacher, wnet, opt, x0, labels, amp) for k in kinds + list(PARTS)}
+        times = {k: [] for k in steps}
         for r in range(args.rounds + 1):                               # round 0 warms up
-            for k in kinds:
+            for k in steps:
                 sync(device)
                 t0 = time.perf_counter()
                 steps[k]()
@@ -141,6 +154,9 @@ def main():
         for k in kinds:
             print(f'  {k:10s} {med[k]:8.3f} {med[k] / med["diffusion"]:12.2f} {mem[k]:9.0f} '
                   f'{mem[k] / mem["diffusion"]:12.2f}')
+        fwd, jvp = med['forward'], med['JVP pass']
+        print(f'  where the time goes: a no-grad forward {fwd:.3f} s, the JVP pass {jvp:.3f} s ({jvp / fwd:.2f} forwards), '
+              f'so sCD ~ teacher forward + JVP pass + diffusion step = {(fwd + jvp + med["diffusion"]) / med["diffusion"]:.2f}x')
         net.eval()
         z = torch.randn_like(x0) * tf.SIGMA_D
         F = lambda u, t: net(u, t, labels)

@@ -6,6 +6,7 @@
 #
 #   bash reproduce.sh                        # PRESET=mnist-s NUM=2000: a few CPU hours on 2 cores
 #   PRESET=mnist NUM=10000 bash reproduce.sh # the larger CPU preset; minutes per stage on a GPU
+#   TEACHER_STEPS=1500 CM_STEPS=600 bash reproduce.sh   # shorter runs than the preset's (the README's table)
 #
 # Writes runs/repro-$PRESET/{teacher,scd,sct,dscd}/ (checkpoints, logs, grids), grids/*.png and fid.txt, one line per
 # row: "<row> <NFE> <FID>". Datasets come from $SCM_DATA (or are downloaded to ~/.cache/scm and checked).
@@ -14,6 +15,8 @@ cd "$(dirname "$0")"
 PRESET=${PRESET:-mnist-s}
 NUM=${NUM:-2000}
 PY=${PY:-python}
+TEACHER_STEPS=${TEACHER_STEPS:-}     # empty: the preset's step count
+CM_STEPS=${CM_STEPS:-}               # sCD, sCT and dsCD all train this many steps (the same budget)
 R=runs/repro-$PRESET
 mkdir -p "$R/grids"
 
@@ -26,11 +29,11 @@ train() {  # train <script> <out> [flags...]: start, or resume an unfinished run
     fi
 }
 
-train train_teacher.py "$R/teacher"
+train train_teacher.py "$R/teacher" ${TEACHER_STEPS:+--steps "$TEACHER_STEPS"}
 T="$R/teacher/checkpoint.pt"
-train train_scd.py "$R/scd" --teacher "$T"
-train train_sct.py "$R/sct" --teacher "$T"
-train train_scd.py "$R/dscd" --teacher "$T" --discrete 1024
+train train_scd.py "$R/scd" --teacher "$T" ${CM_STEPS:+--steps "$CM_STEPS"}
+train train_sct.py "$R/sct" --teacher "$T" ${CM_STEPS:+--steps "$CM_STEPS"}
+train train_scd.py "$R/dscd" --teacher "$T" --discrete 1024 ${CM_STEPS:+--steps "$CM_STEPS"}
 
 REF="$R/ref-train-$NUM.npz"          # the reference: the first NUM training images
 [ -f "$REF" ] || $PY fid.py stats fashion-mnist --split train -n "$NUM" --out "$REF"
