@@ -10,6 +10,8 @@ For each model size, one optimizer step of each kind, in rotation so that load o
 and sampling: 1 and 2 consistency steps against the teacher's EDM Heun with 18 steps (35 NFE).
 Reports the median time of each, the ratio to the diffusion step, and the peak memory above the model's own
 (CUDA: max_memory_allocated; CPU: the process's resident-set high-water mark, measured in a fresh process per kind).
+Then where the sCD step's time goes: a no-grad forward, the JVP pass alone, and the JVP pass with PyTorch's own
+conv/linear JVP rules instead of model.affine's (which skip the weight's zero tangent).
 """
 import argparse
 import json
@@ -60,11 +62,17 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
             if kind == 'forward':
                 net(x_t / tf.SIGMA_D, t, labels)
             else:  # 'JVP pass': F_theta- and its tangent, as in scm_loss
-                tf.scm_tangent(lambda u, t: net(u, t, labels), x_t, t, dxdt)
+                if kind == 'JVP, torch rules':   # the same pass with PyTorch's own conv/linear JVP (model.affine's doc)
+                    model.affine = lambda x, w, b=None: model._affine(x, w, b)
+                try:
+                    tf.scm_tangent(lambda u, t: net(u, t, labels), x_t, t, dxdt)
+                finally:
+                    model.affine = AFFINE
     return part if kind in PARTS else step
 
 
-PARTS = ('forward', 'JVP pass')   # timed alongside the steps (no memory measured)
+PARTS = ('forward', 'JVP pass', 'JVP, torch rules')   # timed alongside the steps (no memory measured)
+AFFINE = model.affine
 
 
 def sync(device):
@@ -154,9 +162,11 @@ def main():
         for k in kinds:
             print(f'  {k:10s} {med[k]:8.3f} {med[k] / med["diffusion"]:12.2f} {mem[k]:9.0f} '
                   f'{mem[k] / mem["diffusion"]:12.2f}')
-        fwd, jvp = med['forward'], med['JVP pass']
-        print(f'  where the time goes: a no-grad forward {fwd:.3f} s, the JVP pass {jvp:.3f} s ({jvp / fwd:.2f} forwards), '
-              f'so sCD ~ teacher forward + JVP pass + diffusion step = {(fwd + jvp + med["diffusion"]) / med["diffusion"]:.2f}x')
+        fwd, jvp, jvp_torch = med['forward'], med['JVP pass'], med['JVP, torch rules']
+        print(f'  where the time goes: a no-grad forward {fwd:.3f} s, the JVP pass {jvp:.3f} s ({jvp / fwd:.2f} forwards; '
+              f'{jvp_torch / fwd:.2f} with PyTorch\'s conv/linear JVP rules), the diffusion step '
+              f'{med["diffusion"] / fwd:.2f} forwards;\n  so sCD ~ teacher forward + JVP pass + diffusion step = '
+              f'{(fwd + jvp + med["diffusion"]) / med["diffusion"]:.2f}x the diffusion step')
         net.eval()
         z = torch.randn_like(x0) * tf.SIGMA_D
         F = lambda u, t: net(u, t, labels)

@@ -59,4 +59,6 @@ row dscd-2step 2 "$R/dscd/checkpoint.pt" --steps 2
 echo "FID against the first $NUM Fashion-MNIST training images, $NUM samples each ($PRESET):"
 column -t "$R/fid.txt"
 awk '$1 == "teacher-heun35" {t = $3} $1 == "scd-2step" {s = $3} $1 == "sct-2step" {c = $3}
-     END {printf "FID(sCD 2-step)/FID(teacher) = %.3f (goal <= 1.10); FID(sCT 2-step)/FID(teacher) = %.3f (goal <= 1.15)\n", s / t, c / t}' "$R/fid.txt"
+     $1 == "dscd-2step" {d = $3}
+     END {printf "FID(sCD 2-step)/FID(teacher) = %.3f (goal <= 1.10); FID(sCT 2-step)/FID(teacher) = %.3f (goal <= 1.15)\n", s / t, c / t
+          printf "FID(sCD 2-step) - FID(dsCD 2-step) = %.2f (goal < 0)\n", s - d}' "$R/fid.txt"
