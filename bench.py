@@ -63,7 +63,7 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
                 net(x_t / tf.SIGMA_D, t, labels)
             else:  # 'JVP pass': F_theta- and its tangent, as in scm_loss
                 if kind == 'JVP, torch rules':   # the same pass with PyTorch's own conv/linear JVP (model.affine's doc)
-                    model.affine = lambda x, w, b=None: model._affine(x, w, b)
+                    model.affine = model._affine
                 try:
                     tf.scm_tangent(lambda u, t: net(u, t, labels), x_t, t, dxdt)
                 finally:

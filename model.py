@@ -144,6 +144,8 @@ class _Affine(torch.autograd.Function):
 def affine(x, w, b=None):
     """conv2d / linear through _Affine. Under autocast the inputs are cast here, as autocast would cast them for
     conv2d and linear, so that the forward, backward and JVP inside run in one dtype."""
+    if b is not None and w.ndim == 4:
+        raise ValueError('affine: a convolution here has no bias (MPConv has none)')
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
