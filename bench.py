@@ -1,7 +1,7 @@
 """Cost of sCM training and sampling, side by side on one model and one batch.
 
   python bench.py                       # CPU: two U-Net sizes (0.30M and 15.2M parameters), a few minutes
-  python bench.py --device cuda --precision bf16 --batch 128 --sizes mnist-s big    # on a GPU
+  python bench.py --device cuda --precision bf16 --batch 128 --sizes fashion-s big    # on a GPU
 
 For each model size, one optimizer step of each kind, in rotation so that load on a shared machine hits them alike:
   diffusion  the teacher's step: F forward with gradient, TrigFlow loss (Eq. 4), backward
@@ -28,7 +28,7 @@ import model
 import trigflow as tf
 
 SIZES = {   # name -> U-Net kwargs (28x28 grayscale like Fashion-MNIST, 32x32 RGB for the bigger one)
-    'mnist-s': model.UNET_PRESETS['mnist-s'],
+    'fashion-s': model.UNET_PRESETS['fashion-s'],
     'big': dict(img_resolution=32, img_channels=3, label_dim=10, model_channels=96, channel_mult=(1, 2, 2),
                 num_blocks=2, attn_resolutions=(8,), dropout_res=16),
 }
@@ -128,7 +128,7 @@ def measure_memory(args, size, kind):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--sizes', nargs='+', default=['mnist-s', 'big'], choices=sorted(SIZES))
+    p.add_argument('--sizes', nargs='+', default=['fashion-s', 'big'], choices=sorted(SIZES))
     p.add_argument('--batch', type=int, default=32)
     p.add_argument('--rounds', type=int, default=5, help='timed rounds (after one warm-up round)')
     p.add_argument('--device', default='cpu')

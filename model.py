@@ -496,9 +496,9 @@ UNET_PRESETS = {
     'cifar10':  dict(img_resolution=32, img_channels=3, label_dim=0, model_channels=128, channel_mult=(2, 2, 2),
                      num_blocks=4, attn_resolutions=(16,), dropout_res=32),
     # Small CPU presets: 28x28 grayscale (MNIST, Fashion-MNIST), 32x32 RGB (CIFAR-10) and a tiny net for the tests.
-    'mnist':    dict(img_resolution=28, img_channels=1, label_dim=10, model_channels=32, channel_mult=(1, 2, 2),
+    'fashion':  dict(img_resolution=28, img_channels=1, label_dim=10, model_channels=32, channel_mult=(1, 2, 2),
                      num_blocks=2, attn_resolutions=(7,), channels_per_head=32, dropout_res=28),
-    'mnist-s':  dict(img_resolution=28, img_channels=1, label_dim=10, model_channels=16, channel_mult=(1, 2, 2),
+    'fashion-s': dict(img_resolution=28, img_channels=1, label_dim=10, model_channels=16, channel_mult=(1, 2, 2),
                      num_blocks=1, attn_resolutions=(7,), channels_per_head=32, dropout_res=28),
     'cifar10-s': dict(img_resolution=32, img_channels=3, label_dim=10, model_channels=16, channel_mult=(1, 2, 2),
                       num_blocks=1, attn_resolutions=(8,), channels_per_head=32, dropout_res=32),   # CPU, RGB
@@ -520,3 +520,15 @@ def project_weights_(net):
     for m in net.modules():
         if isinstance(m, MPConv):
             m.project_()
+
+
+def build(kwargs):
+    """A network from the keyword arguments a checkpoint stores ('arch': 'unet' or 'dit', then the constructor's)."""
+    kw = dict(kwargs)
+    arch = kw.pop('arch')
+    return UNet(**kw) if arch == 'unet' else DiT(**kw)
+
+
+def architecture(kwargs):
+    """The keyword arguments that decide the weights' shapes (not dropout, not the CFG input)."""
+    return {k: v for k, v in kwargs.items() if k not in ('dropout', 'dropout_res', 'cfg_embed')}

@@ -4,15 +4,15 @@
 # number of samples against the same reference statistics. Every stage resumes where it stopped, so run it again
 # after an interruption; a finished stage is skipped.
 #
-#   bash reproduce.sh                        # PRESET=mnist-s NUM=2000: a few CPU hours on 2 cores
-#   PRESET=mnist NUM=10000 bash reproduce.sh # the larger CPU preset; minutes per stage on a GPU
+#   bash reproduce.sh                        # PRESET=fashion-s NUM=2000: a few CPU hours on 2 cores
+#   PRESET=fashion NUM=10000 bash reproduce.sh # the larger CPU preset; minutes per stage on a GPU
 #   TEACHER_STEPS=1500 CM_STEPS=600 bash reproduce.sh   # shorter runs than the preset's (the README's table)
 #
 # Writes runs/repro-$PRESET/{teacher,scd,sct,dscd}/ (checkpoints, logs, grids), grids/*.png and fid.txt, one line per
 # row: "<row> <NFE> <FID>". Datasets come from $SCM_DATA (or are downloaded to ~/.cache/scm and checked).
 set -euo pipefail
 cd "$(dirname "$0")"
-PRESET=${PRESET:-mnist-s}
+PRESET=${PRESET:-fashion-s}
 NUM=${NUM:-2000}
 PY=${PY:-python}
 TEACHER_STEPS=${TEACHER_STEPS:-}     # empty: the preset's step count

@@ -1,8 +1,8 @@
 """Sample from a checkpoint of train_teacher.py, train_scd.py or train_sct.py, and edit images zero-shot.
 
-  python sample.py runs/scd-mnist-s/checkpoint.pt --grid samples.png                 # 1-step grid
-  python sample.py runs/scd-mnist-s/checkpoint.pt --steps 2 --grid samples2.png     # 2-step, through t = 1.1
-  python sample.py runs/teacher-mnist-s/checkpoint.pt --grid teacher.png            # teacher: Heun, 35 NFE
+  python sample.py runs/scd-fashion-s/checkpoint.pt --grid samples.png               # 1-step grid
+  python sample.py runs/scd-fashion-s/checkpoint.pt --steps 2 --grid samples2.png   # 2-step, through t = 1.1
+  python sample.py runs/teacher-fashion-s/checkpoint.pt --grid teacher.png          # teacher: Heun, 35 NFE
   torchrun --nproc_per_node=8 sample.py ckpt.pt -n 50000 --npz samples.npz           # sharded, for FID
   python sample.py ckpt.pt --edit inpaint --input img.png --mask mask.png           # zero-shot edits (below)
 
@@ -22,17 +22,29 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import model
+import train_util as tu
 import trigflow as tf
-import training
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading a network and making per-image noise.
 
 
+def init_distributed():
+    """(rank, world, device): torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process."""
+    if 'RANK' in os.environ:
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f'cuda:{os.environ.get("LOCAL_RANK", 0)}' if torch.cuda.is_available() else 'cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
 def load_net(path, raw=False, device='cpu'):
     """(network, checkpoint) with the EMA weights (or the raw ones) of any of the three training scripts."""
-    ckpt = training.load_checkpoint(path)
-    net = training.build_net(dict(ckpt['model_kwargs'], dropout=0.0))
+    ckpt = tu.load_checkpoint(path)
+    net = model.build(dict(ckpt['model_kwargs'], dropout=0.0))
     net.load_state_dict(ckpt['net' if raw else 'ema'])
     return net.eval().requires_grad_(False).to(device), ckpt
 
@@ -48,7 +60,7 @@ def data_info(ckpt):
 
 def seeded_randn(seed, indices, shape, device):
     """Standard normal noise of shape [len(indices), *shape], image i drawn from its own generator (seed, i)."""
-    gens = [torch.Generator().manual_seed(training.step_seed(seed, 0, 0, int(i))) for i in indices]
+    gens = [torch.Generator().manual_seed(tu.step_seed(seed, 0, 0, int(i))) for i in indices]
 
     def randn_like(x):   # later draws (2-step re-noising) continue each image's own generator
         return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
@@ -68,14 +80,44 @@ def make_F(net, ckpt, labels, cfg):
     return lambda u, t: net(u, t, labels, s)
 
 
+def add_sampler_args(p, batch=True):
+    """The flags that choose how images are drawn (sample.py and fid.py checkpoint, which has its own --batch)."""
+    p.add_argument('--raw', action='store_true', help='the raw weights instead of the EMA')
+    p.add_argument('--steps', type=int, default=1, choices=[1, 2], help='consistency steps: 1, or 2 through t = 1.1')
+    p.add_argument('--ts', type=float, nargs='+', help='any list of descending TrigFlow times (overrides --steps)')
+    p.add_argument('--sampler', choices=['consistency', 'heun'], default='consistency',
+                   help='heun: the ODE sampler (always used for a teacher)')
+    p.add_argument('--heun-steps', type=int, default=18, help='Heun steps: 18 = 35 NFE, 32 = 63 NFE')
+    p.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale (1 = none)')
+    p.add_argument('--label', type=int, default=None, help='class of every image (default: image index mod classes)')
+    p.add_argument('--seed', type=int, default=0, help='image i gets the noise of seed (--seed, i)')
+    if batch:
+        p.add_argument('--batch', type=int, default=64, help='images per forward pass')
+
+
 @torch.no_grad()
 def generate(net, ckpt, z, labels, args, randn_like):
+    """Samples in the network's space from unit noise z: Heun for a teacher (or --sampler heun), else consistency."""
     F = make_F(net, ckpt, labels, args.cfg)
     z = z * tf.SIGMA_D                                           # x_{t_max} ~ N(0, sigma_d^2 I)
     if ckpt['method'] == 'teacher' or args.sampler == 'heun':
         return tf.sample_heun(F, z, num_steps=args.heun_steps)
     ts = tuple(args.ts) if args.ts else ((tf.T_MAX,) if args.steps == 1 else (tf.T_MAX, tf.T_MID))
     return tf.sample_consistency(F, z, ts, randn_like=randn_like)
+
+
+def image_batches(net, ckpt, indices, args, device, desc='sampling', progress=True):
+    """Yield uint8 images [b, H, W, C] for `indices`, args.batch at a time: image i from noise seed (args.seed, i),
+    class args.label or i mod classes. This rank's share under torchrun: indices = range(rank, num, world)."""
+    shape = data_info(ckpt)[0]
+    classes = ckpt['model_kwargs'].get('label_dim', 0)
+    for i in tqdm(range(0, len(indices), args.batch), desc=desc, disable=not progress):
+        idx = indices[i:i + args.batch]
+        z, randn_like = seeded_randn(args.seed, idx, shape, device)
+        labels = None
+        if classes:
+            labels = torch.tensor([args.label if args.label is not None else j % classes for j in idx], device=device)
+        yield data.to_uint8(to_images(generate(net, ckpt, z, labels, args, randn_like), ckpt).cpu())
 
 
 def to_images(x, ckpt):
@@ -85,7 +127,7 @@ def to_images(x, ckpt):
     try:
         from diffusers.models import AutoencoderKL
     except ImportError:
-        raise training.UserError('this model generates SD-VAE latents; `pip install diffusers` to decode them '
+        raise tu.UserError('this model generates SD-VAE latents; `pip install diffusers` to decode them '
                                  '(stabilityai/sd-vae-ft-mse), or pass --npz to save the raw latents') from None
     vae = getattr(to_images, 'vae', None) or AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-mse').to(x.device)
     to_images.vae = vae
@@ -187,10 +229,10 @@ def run_edit(net, ckpt, args, device):
         data.save_grid(out.cpu(), path, nrow=len(alphas))
         return path
     if not args.input:
-        raise training.UserError(f'--edit {args.edit} needs --input IMAGE.png')
+        raise tu.UserError(f'--edit {args.edit} needs --input IMAGE.png')
     y = data.load_image(args.input, C).to(device)
     if y.shape[-2:] != (H, W):
-        raise training.UserError(f'{args.input} is {y.shape[-1]}x{y.shape[-2]} but the model makes {W}x{H} images')
+        raise tu.UserError(f'{args.input} is {y.shape[-1]}x{y.shape[-2]} but the model makes {W}x{H} images')
     if args.edit == 'denoise':                                    # one evaluation: f(cos t x_noisy, t)
         t = float(tf.t_from_sigma(args.sigma))
         noisy = y + args.sigma * torch.randn_like(y)
@@ -200,18 +242,18 @@ def run_edit(net, ckpt, args, device):
         ts = edit_times(args.edit_steps)
         if args.edit == 'inpaint':
             if not args.mask:
-                raise training.UserError('--edit inpaint needs --mask MASK.png (white = generate)')
+                raise tu.UserError('--edit inpaint needs --mask MASK.png (white = generate)')
             mask = (data.load_image(args.mask, 1).to(device) > 0).to(y.dtype).expand_as(y)
             ops = identity_ops(mask)
         elif args.edit == 'colorize':
             if C != 3:
-                raise training.UserError('--edit colorize needs an RGB model')
+                raise tu.UserError('--edit colorize needs an RGB model')
             gray = (y * torch.tensor(GRAY, device=device).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(y)
             y = gray.clone()
             ops = colorization_ops(y)
         elif args.edit == 'superres':
             if H % args.patch or W % args.patch:
-                raise training.UserError(f'--patch {args.patch} must divide the image size {W}x{H}')
+                raise tu.UserError(f'--patch {args.patch} must divide the image size {W}x{H}')
             ops = superres_ops(y, args.patch)
         elif args.edit == 'stroke':                                # SDEdit: noise the painting to 1.4781, 1.3512
             ops, ts = identity_ops(torch.ones_like(y)), [1.4781, 1.3512]
@@ -228,21 +270,13 @@ def run_edit(net, ckpt, args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('checkpoint')
-    p.add_argument('--raw', action='store_true', help='the raw weights instead of the EMA')
-    p.add_argument('--steps', type=int, default=1, choices=[1, 2], help='consistency steps: 1, or 2 through t = 1.1')
-    p.add_argument('--ts', type=float, nargs='+', help='any list of descending TrigFlow times (overrides --steps)')
-    p.add_argument('--sampler', choices=['consistency', 'heun'], default='consistency',
-                   help='heun: the ODE sampler (always used for a teacher)')
-    p.add_argument('--heun-steps', type=int, default=18, help='Heun steps: 18 = 35 NFE, 32 = 63 NFE')
-    p.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale (1 = none)')
-    p.add_argument('--label', type=int, default=None, help='class of every image (default: image index mod classes)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--grid', help='write a PNG grid of --num (default 64) images')
-    p.add_argument('-n', '--num', type=int, default=None, help='number of images (use -n under torchrun)')
-    p.add_argument('--npz', help='write --num images as uint8 [N, H, W, C] to this .npz (key "samples")')
-    p.add_argument('--batch', type=int, default=64)
-    p.add_argument('--edit', choices=['inpaint', 'colorize', 'superres', 'stroke', 'denoise', 'interpolate'])
+    p.add_argument('checkpoint', help='checkpoint.pt of train_teacher.py, train_scd.py or train_sct.py')
+    add_sampler_args(p)
+    p.add_argument('-n', '--num', type=int, default=64, help='number of images (use -n under torchrun)')
+    p.add_argument('--grid', help='write a PNG grid of the first 64 images (all of them if --num <= 256)')
+    p.add_argument('--npz', help='write the --num images as uint8 [N, H, W, C] to this .npz (key "samples")')
+    p.add_argument('--edit', choices=['inpaint', 'colorize', 'superres', 'stroke', 'denoise', 'interpolate'],
+                   help='zero-shot edit of --input (see above)')
     p.add_argument('--input', help='image to edit (PNG/JPG)')
     p.add_argument('--mask', help='inpainting mask: white = generate')
     p.add_argument('--patch', type=int, default=4, help='super-resolution patch size')
@@ -250,49 +284,39 @@ def main():
     p.add_argument('--edit-steps', type=int, default=40, help='editing schedule length (CM 2023: 40)')
     args = p.parse_args()
 
-    rank, world, device = training.init_distributed()
+    rank, world, device = init_distributed()
     net, ckpt = load_net(args.checkpoint, args.raw, device)
     if args.edit:
-        if args.label is None:
-            args.label = 0
+        if ckpt['model_kwargs'].get('label_dim') and args.label is None:
+            raise tu.UserError(f'this model is class-conditional ({ckpt["model_kwargs"]["label_dim"]} classes): '
+                               f'pass --label K for the class of the edited image')
         if rank == 0:
             print(run_edit(net, ckpt, args, device))
         return
     if not (args.grid or args.npz):
-        raise training.UserError('nothing to write: pass --grid PNG and/or --npz FILE')
-    num = args.num or 64
+        raise tu.UserError('nothing to write: pass --grid PNG and/or --npz FILE')
+    mine = list(range(rank, args.num, world))                     # this rank's images: i = rank, rank + world, ...
     C, H, W = data_info(ckpt)[0]
-    classes = ckpt['model_kwargs'].get('label_dim', 0)
-    mine = list(range(rank, num, world))
-    out = []
-    for i in tqdm(range(0, len(mine), args.batch), disable=rank != 0, desc='sampling'):
-        idx = mine[i:i + args.batch]
-        z, randn_like = seeded_randn(args.seed, idx, (C, H, W), device)
-        labels = None
-        if classes:
-            labels = torch.tensor([args.label if args.label is not None else j % classes for j in idx], device=device)
-        x = to_images(generate(net, ckpt, z, labels, args, randn_like), ckpt)
-        out.append(data.to_uint8(x.cpu()))
-    mine_images = np.concatenate(out) if out else np.zeros((0, H, W, C), np.uint8)
+    parts = list(image_batches(net, ckpt, mine, args, device, progress=rank == 0))
+    mine_images = np.concatenate(parts) if parts else np.zeros((0, H, W, C), np.uint8)
+    gathered = [mine_images]
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, mine_images)
-    else:
-        gathered = [mine_images]
     if rank == 0:
-        images = np.zeros((num,) + mine_images.shape[1:], np.uint8)
+        images = np.zeros((args.num, H, W, C), np.uint8)
         for r, part in enumerate(gathered):
             images[r::world] = part
         if args.npz:
             tmp = args.npz + '.tmp.npz'
             np.savez(tmp, samples=images)
             os.replace(tmp, args.npz)
-            print(f'wrote {num} images to {args.npz}')
+            print(f'wrote {args.num} images to {args.npz}')
         if args.grid:
-            grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            data.save_grid(grid, args.grid)
-            print(f'wrote {args.grid}')
+            shown = images if args.num <= 256 else images[:64]
+            data.save_grid(torch.from_numpy(shown).permute(0, 3, 1, 2).float() / 127.5 - 1, args.grid)
+            print(f'wrote a grid of {len(shown)} of the {args.num} images to {args.grid}')
 
 
 if __name__ == '__main__':
-    training.main_guard(main)
+    tu.main_guard(main)

@@ -1,18 +1,29 @@
 """sCT: continuous-time consistency training from data (sCM Alg. 1, App. G), started from a TrigFlow teacher's EMA.
 
-  python train_sct.py --preset mnist-s --teacher runs/teacher-mnist-s/checkpoint.pt
+  python train_sct.py --preset fashion-s --teacher runs/teacher-fashion-s/checkpoint.pt
   torchrun --nproc_per_node=8 train_sct.py --size xl --data in512-latents.npy --teacher runs/teacher-xl/checkpoint.pt
 
 No teacher is evaluated: dx_t/dt = cos(t) z - sin(t) x0 is the one-sample estimate of the PF-ODE velocity from the
 same (x0, z) that made x_t. The paper starts sCT from the teacher's EMA on every dataset (App. G.2), so this script
 needs the teacher checkpoint too. --discrete N trains the discrete-time variant on an N-step grid.
+`--preset X --help` lists every flag with X's value.
 """
+import argparse
+import copy
+import json
+import os
+import time
+
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
+import model
+import train_util as tu
 import trigflow as tf
-import training
 
-_cm = training.cm_preset
+_cm = tu.cm_preset
 PRESETS = {
     # ImageNet 512 latents: sCM Table 5, sCT rows (100k iterations, dropout 25%/35% at resolutions <= 16)
     's':   _cm('s',   None, 1.0e-4, 100_000, 0.25, (-0.8, 1.6), 70_000),
@@ -29,41 +40,146 @@ PRESETS = {
     'cifar10': _cm('cifar10', 'cifar10', 1e-4, 400_000, 0.20, (-1.0, 1.4), 0, batch=512, optimizer='radam',
                    eps=1e-8, ema_std=0.0, ema_halflife_mimg=0.5, precision='fp32'),
     # CPU presets for Fashion-MNIST (not paper configurations)
-    'mnist':   _cm('mnist',   'fashion-mnist', 1e-3, 2_000, 0.1, (-1.0, 1.6), 0, batch=128, eps=1e-8,
-                   precision='fp32', warmup_steps=200),
-    'mnist-s': _cm('mnist-s', 'fashion-mnist', 1e-3, 600, 0.1, (-1.0, 1.6), 0, batch=128, eps=1e-8,
-                   precision='fp32', warmup_steps=200),
+    'fashion':   _cm('fashion',   'fashion-mnist', 1e-3, 2_000, 0.1, (-1.0, 1.6), 0, batch=128, eps=1e-8,
+                     precision='fp32', warmup_steps=200),
+    'fashion-s': _cm('fashion-s', 'fashion-mnist', 1e-3, 600, 0.1, (-1.0, 1.6), 0, batch=128, eps=1e-8,
+                     precision='fp32', warmup_steps=200),
 }
 
 
+def sct_loss(net, x0, labels, *, wnet=None, net_minus=None, P_mean, P_std, r, c=0.1, tangent_norm='rms', grid=None):
+    """sCT's loss for one batch (Alg. 1): draw t and z, noise x0 to x_t; dx_t/dt = cos(t) z - sin(t) x0 comes from
+    the same (x0, z), then trigflow.scm_loss. net(u, t, labels) is the network with gradient (under DDP the wrapped
+    model), net_minus the same weights for the no-grad tangent pass (under DDP net.module; default net); wnet(t) the
+    adaptive weight; r the tangent warmup factor; grid: a discrete time grid (App. E) instead of continuous t."""
+    B = x0.shape[0]
+    if grid is None:
+        t, dt = tf.sample_t(B, P_mean, P_std, device=x0.device), None                 # log-normal proposal
+    else:
+        t, t_prev = tf.sample_t_discrete(B, grid, P_mean, P_std, device=x0.device)   # discrete: a grid interval
+        dt = t - t_prev
+    z = torch.randn_like(x0) * tf.SIGMA_D                                            # z ~ N(0, sigma_d^2 I)
+    x_t, dxdt = tf.forward_process(x0, t, z)                                         # dx_t/dt = cos t z - sin t x0
+    net_minus = net if net_minus is None else net_minus
+    return tf.scm_loss(lambda u, t: net(u, t, labels), x_t, t, dxdt, F_minus=lambda u, t: net_minus(u, t, labels),
+                       w=None if wnet is None else wnet(t), r=r, c=c, tangent_norm=tangent_norm, dt=dt)
+
+
 def main():
-    args = training.parse_args(__doc__, PRESETS, training.add_cm_args)
-    run = training.Run(args, method='sct', script='sct')
-    teacher = training.load_teacher(args.teacher, run.model_kwargs)
-    run.finish_setup(init_state=teacher.state_dict())
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--preset', '--size', dest='preset', choices=sorted(PRESETS), required=True,
+                   help='experiment preset: model, data and hyperparameters from the paper\'s tables')
+    tu.add_common_args(p)
+    tu.add_cm_args(p)
+    args = tu.parse_args(p, PRESETS)
+    # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process.
+    if 'RANK' in os.environ:
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f'cuda:{os.environ.get("LOCAL_RANK", 0)}' if torch.cuda.is_available() else 'cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    ckpt_path = tu.open_run(args, 'sct')
+    log_path = os.path.join(args.out, 'log.jsonl') if rank == 0 else None
+
+    # Data: micro-batches of batch_gpu per process, accum of them per step.
+    dataset = tu.load_data(args, rank, world)
+    batch_gpu, accum = tu.micro_batches(args, world, len(dataset))
+    model_kwargs = tu.model_kwargs_for(args, dataset)
+    grid = tf.discrete_times(args.discrete) if args.discrete else None            # an N-step grid (App. E)
+
+    # Networks: sCT too starts from the teacher's EMA (App. G.2), which it then no longer needs.
+    # The same initial weights on every rank; EMA and the adaptive weight w_phi(t) (Eq. 8).
+    torch.manual_seed(args.seed)
+    net = model.build(model_kwargs).to(device)
+    wnet = tf.AdaptiveWeight().to(device)
+    teacher = tu.load_teacher(args.teacher, model_kwargs).to(device)
+    tu.start_from(net, teacher)
     del teacher
-    grid = tf.discrete_times(args.discrete) if args.discrete else None
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
+    step, saved_step = 0, None
+    if args.resume:
+        step = saved_step = tu.resume(ckpt_path, 'sct', tu.run_config(args), net, ema, wnet, opt, scaler, log_path)
+    ddp_net, ddp_wnet = (DDP(net), DDP(wnet)) if world > 1 else (net, wnet)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, 'config.json'), 'w') as f:
+            json.dump(dict(vars(args), model_kwargs=model_kwargs, world=world), f, indent=1)
+        print(f'run folder: {args.out} ({"resumed at step " + str(step) if step else "new"}); {world} process(es), '
+              f'{batch_gpu} x {accum} micro-batches each per step, on {device}')
 
-    def loss(x0, labels, step):
-        B = x0.shape[0]
-        if grid is None:
-            t, dt = tf.sample_t(B, args.P_mean, args.P_std, device=x0.device), None
-        else:
-            t, t_prev = tf.sample_t_discrete(B, grid, args.P_mean, args.P_std, device=x0.device)
-            dt = t - t_prev
-        z = torch.randn_like(x0) * tf.SIGMA_D
-        x_t, dxdt = tf.forward_process(x0, t, z)                           # sCT: dx_t/dt = cos t z - sin t x0
-        F = lambda u, t: run.ddp_net(u, t, labels)
-        F_minus = lambda u, t: run.net(u, t, labels)
-        return tf.scm_loss(F, x_t, t, dxdt, F_minus=F_minus, w=run.ddp_wnet(t), dt=dt, c=args.tangent_c,
-                           tangent_norm=args.tangent_norm, r=tf.tangent_warmup(step, args.warmup_steps))
+    # The loop. Every random draw of a step is seeded by (seed, step, micro-batch, rank), so a resume repeats it.
+    stream = tu.data_stream(dataset, batch_gpu, rank, world, args.seed, step * accum, args.workers)
+    grid_z, grid_labels = tu.grid_inputs(dataset, model_kwargs['label_dim'], device)
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f'sct {args.preset}')
+    t_last, sums, n_win = time.time(), {}, 0
+    net.train()
+    while step < args.steps:
+        lr = tu.learning_rate(args, step)
+        for group in opt.param_groups:
+            group['lr'] = lr
+        opt.zero_grad(set_to_none=True)
 
-    def sample(net, z, labels):
-        F = lambda u, t: net(u, t, labels)
-        return {'1step': tf.sample_consistency(F, z), '2step': tf.sample_consistency(F, z, (tf.T_MAX, tf.T_MID))}
+        # Micro-batches: gradients accumulate, DDP syncs them on the last one only.
+        terms = {}
+        for micro in range(accum):
+            torch.manual_seed(tu.step_seed(args.seed, step, micro, rank))
+            x0, labels = (v.to(device) for v in next(stream))
+            with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1), tu.autocast(device, args.precision):
+                loss, micro_terms = sct_loss(ddp_net, x0, labels, wnet=ddp_wnet, net_minus=net, P_mean=args.P_mean,
+                                             P_std=args.P_std, r=tf.tangent_warmup(step, args.warmup_steps),
+                                             c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid)
+                scaler.scale(loss / accum).backward()
+            for k, v in micro_terms.items():
+                terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
 
-    run.train(loss, sample)
+        # Non-finite check: stop naming the term, or skip the step (fp16: the GradScaler skips and backs off).
+        scaler.unscale_(opt)
+        terms['grad_norm'] = tu.grad_norm(opt)
+        if args.precision == 'fp16' and not torch.isfinite(terms['grad_norm']):
+            del terms['grad_norm']
+        bad = tu.nonfinite(terms, device, world)
+        if bad and args.on_nonfinite == 'stop':
+            raise tu.NonFiniteError(tu.nonfinite_message(step, terms, bad, ckpt_path, saved_step))
+        if bad and rank == 0:
+            tqdm.write(f'step {step}: non-finite {", ".join(bad)}; step skipped')
+
+        # Optimizer step, EDM2's forced weight normalization (EDM2 Eq. 66), EMA.
+        if not bad:
+            scaler.step(opt)
+        scaler.update()
+        step += 1
+        bar.update(1)
+        if not bad:
+            if model_kwargs['arch'] == 'unet':
+                model.project_weights_(net)
+            tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
+            n_win += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+
+        # Log, checkpoint, sample grid.
+        if (step % args.log_every == 0 or step == args.steps) and n_win:
+            elapsed = time.time() - t_last
+            rec = tu.log_record(log_path, dict(step=step, lr=lr, images_per_s=n_win * args.batch / elapsed,
+                                               sec_per_step=elapsed / n_win), sums, n_win, device, world)
+            bar.set_postfix(loss=f'{rec["loss"]:.4f}', ips=f'{rec["images_per_s"]:.0f}')
+            t_last, sums, n_win = time.time(), {}, 0
+        if step % args.ckpt_every == 0 or step == args.steps:
+            if rank == 0:
+                tu.save_checkpoint(ckpt_path, tu.checkpoint(step, 'sct', args, model_kwargs, dataset, net, ema,
+                                                            wnet, opt, scaler))
+            saved_step = step
+        if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+            F = lambda u, t: ema(u, t, grid_labels)                      # 1 step, and 2 steps through t = 1.1
+            tu.save_grids(args.out, step, dataset, {'1step': tf.sample_consistency(F, grid_z),
+                                                    '2step': tf.sample_consistency(F, grid_z, (tf.T_MAX, tf.T_MID))})
+    bar.close()
+    tu.report_weights(net, rank, world)
 
 
 if __name__ == '__main__':
-    training.main_guard(main)
+    tu.main_guard(main)

@@ -1,16 +1,26 @@
 """Train the TrigFlow diffusion teacher that sCT and sCD start from (sCM §2, Eq. 4; App. G.1).
 
-  python train_teacher.py --preset mnist-s                                   # Fashion-MNIST on a CPU
+  python train_teacher.py --preset fashion-s                                   # Fashion-MNIST on a CPU
   torchrun --nproc_per_node=8 train_teacher.py --size xl --data in512-latents.npy  # ImageNet 512 latents, Table 5
 
 The network predicts F with x0 = cos(t) x_t - sin(t) sigma_d F; the loss is the TrigFlow flow-matching loss with
 EDM2's learned adaptive weighting, a log-normal proposal over sigma = sigma_d tan t, and (ImageNet 512) label
-dropout 0.1 so that the teacher supports classifier-free guidance.
+dropout 0.1 so that the teacher supports classifier-free guidance. `--preset X --help` lists every flag with X's value.
 """
-import torch
+import argparse
+import copy
+import json
+import os
+import time
 
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import model
+import train_util as tu
 import trigflow as tf
-import training
 
 
 def _imagenet(model, lr, steps, dropout, ema_std, P, t_ref, label_dropout):
@@ -39,38 +49,136 @@ PRESETS = {
                     lr_rampup_mimg=10.0, optimizer='adam', betas=(0.9, 0.999), eps=1e-8, ema_std=0.0,
                     ema_halflife_mimg=0.5, dropout=0.13, P_mean=-1.2, P_std=1.2, precision='fp32', label_dropout=0.0),
     # CPU presets for Fashion-MNIST (not paper configurations): EDM2-style lr, short rampup and decay.
-    'mnist':   dict(model='mnist', data='fashion-mnist', batch=128, steps=20_000, lr=1e-2, lr_decay_steps=4_000,
+    'fashion': dict(model='fashion', data='fashion-mnist', batch=128, steps=20_000, lr=1e-2, lr_decay_steps=4_000,
                     lr_rampup_mimg=0.05, optimizer='adam', betas=(0.9, 0.99), eps=1e-8, ema_std=0.05,
                     ema_halflife_mimg=0.0, dropout=0.0, P_mean=-0.8, P_std=1.6, precision='fp32', label_dropout=0.1),
-    'mnist-s': dict(model='mnist-s', data='fashion-mnist', batch=128, steps=3_000, lr=1e-2, lr_decay_steps=1_000,
-                    lr_rampup_mimg=0.025, optimizer='adam', betas=(0.9, 0.99), eps=1e-8, ema_std=0.05,
-                    ema_halflife_mimg=0.0, dropout=0.0, P_mean=-0.8, P_std=1.6, precision='fp32', label_dropout=0.1),
+    'fashion-s': dict(model='fashion-s', data='fashion-mnist', batch=128, steps=3_000, lr=1e-2, lr_decay_steps=1_000,
+                      lr_rampup_mimg=0.025, optimizer='adam', betas=(0.9, 0.99), eps=1e-8, ema_std=0.05,
+                      ema_halflife_mimg=0.0, dropout=0.0, P_mean=-0.8, P_std=1.6, precision='fp32',
+                      label_dropout=0.1),
 }
 
 
-def add_args(p):
-    p.add_argument('--label-dropout', type=float, help='probability of training with the null label (CFG)')
+def teacher_loss(net, x0, labels, *, wnet=None, P_mean, P_std, label_dropout=0.0):
+    """The TrigFlow diffusion loss of one batch (Eq. 4) with the adaptive weight w_phi(t) (Eq. 8's form) and label
+    dropout (the null class -1) for classifier-free guidance."""
+    if label_dropout:
+        labels = torch.where(torch.rand(labels.shape, device=labels.device) < label_dropout, -1, labels)
+    t = tf.sample_t(x0.shape[0], P_mean, P_std, device=x0.device)                  # log-normal proposal
+    z = torch.randn_like(x0) * tf.SIGMA_D                                           # z ~ N(0, sigma_d^2 I)
+    loss, mse = tf.diffusion_loss(lambda u, t: net(u, t, labels), x0, t, z, w=None if wnet is None else wnet(t))
+    return loss, dict(loss=loss.detach(), mse=mse.mean())
 
 
 def main():
-    args = training.parse_args(__doc__, PRESETS, add_args)
-    run = training.Run(args, method='teacher', script='teacher')
-    run.finish_setup()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--preset', '--size', dest='preset', choices=sorted(PRESETS), required=True,
+                   help='experiment preset: model, data and hyperparameters from the paper\'s tables')
+    tu.add_common_args(p)
+    p.add_argument('--label-dropout', type=float, help='probability of training with the null label (for CFG)')
+    args = tu.parse_args(p, PRESETS)
 
-    def loss(x0, labels, step):
-        if args.label_dropout:
-            labels = torch.where(torch.rand(labels.shape, device=labels.device) < args.label_dropout, -1, labels)
-        t = tf.sample_t(x0.shape[0], args.P_mean, args.P_std, device=x0.device)
-        z = torch.randn_like(x0) * tf.SIGMA_D
-        F = lambda u, t: run.ddp_net(u, t, labels)
-        loss, mse = tf.diffusion_loss(F, x0, t, z, w=run.ddp_wnet(t))
-        return loss, dict(loss=loss.detach(), mse=mse.mean())
+    # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process.
+    if 'RANK' in os.environ:
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f'cuda:{os.environ.get("LOCAL_RANK", 0)}' if torch.cuda.is_available() else 'cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    ckpt_path = tu.open_run(args, 'teacher')
+    log_path = os.path.join(args.out, 'log.jsonl') if rank == 0 else None
 
-    def sample(net, z, labels):                     # the paper's teacher sampler: Heun, 18 steps = 35 NFE
-        return {'heun35': tf.sample_heun(lambda u, t: net(u, t, labels), z, num_steps=18)}
+    # Data: micro-batches of batch_gpu per process, accum of them per step.
+    dataset = tu.load_data(args, rank, world)
+    batch_gpu, accum = tu.micro_batches(args, world, len(dataset))
+    model_kwargs = tu.model_kwargs_for(args, dataset)
 
-    run.train(loss, sample)
+    # Networks: the same initial weights on every rank; EMA and the adaptive weight w_phi(t) (Eq. 8).
+    torch.manual_seed(args.seed)
+    net = model.build(model_kwargs).to(device)
+    wnet = tf.AdaptiveWeight().to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
+    step, saved_step = 0, None
+    if args.resume:
+        step = saved_step = tu.resume(ckpt_path, 'teacher', tu.run_config(args), net, ema, wnet, opt, scaler, log_path)
+    ddp_net, ddp_wnet = (DDP(net), DDP(wnet)) if world > 1 else (net, wnet)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, 'config.json'), 'w') as f:
+            json.dump(dict(vars(args), model_kwargs=model_kwargs, world=world), f, indent=1)
+        print(f'run folder: {args.out} ({"resumed at step " + str(step) if step else "new"}); {world} process(es), '
+              f'{batch_gpu} x {accum} micro-batches each per step, on {device}')
+
+    # The loop. Every random draw of a step is seeded by (seed, step, micro-batch, rank), so a resume repeats it.
+    stream = tu.data_stream(dataset, batch_gpu, rank, world, args.seed, step * accum, args.workers)
+    grid_z, grid_labels = tu.grid_inputs(dataset, model_kwargs['label_dim'], device)
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f'teacher {args.preset}')
+    t_last, sums, n_win = time.time(), {}, 0
+    net.train()
+    while step < args.steps:
+        lr = tu.learning_rate(args, step)
+        for group in opt.param_groups:
+            group['lr'] = lr
+        opt.zero_grad(set_to_none=True)
+
+        # Micro-batches: gradients accumulate, DDP syncs them on the last one only.
+        terms = {}
+        for micro in range(accum):
+            torch.manual_seed(tu.step_seed(args.seed, step, micro, rank))
+            x0, labels = (v.to(device) for v in next(stream))
+            with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1), tu.autocast(device, args.precision):
+                loss, micro_terms = teacher_loss(ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean,
+                                                 P_std=args.P_std, label_dropout=args.label_dropout)
+                scaler.scale(loss / accum).backward()
+            for k, v in micro_terms.items():
+                terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
+
+        # Non-finite check: stop naming the term, or skip the step (fp16: the GradScaler skips and backs off).
+        scaler.unscale_(opt)
+        terms['grad_norm'] = tu.grad_norm(opt)
+        if args.precision == 'fp16' and not torch.isfinite(terms['grad_norm']):
+            del terms['grad_norm']
+        bad = tu.nonfinite(terms, device, world)
+        if bad and args.on_nonfinite == 'stop':
+            raise tu.NonFiniteError(tu.nonfinite_message(step, terms, bad, ckpt_path, saved_step))
+        if bad and rank == 0:
+            tqdm.write(f'step {step}: non-finite {", ".join(bad)}; step skipped')
+
+        # Optimizer step, EDM2's forced weight normalization (EDM2 Eq. 66), EMA.
+        if not bad:
+            scaler.step(opt)
+        scaler.update()
+        step += 1
+        bar.update(1)
+        if not bad:
+            if model_kwargs['arch'] == 'unet':
+                model.project_weights_(net)
+            tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
+            n_win += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+
+        # Log, checkpoint, sample grid.
+        if (step % args.log_every == 0 or step == args.steps) and n_win:
+            elapsed = time.time() - t_last
+            rec = tu.log_record(log_path, dict(step=step, lr=lr, images_per_s=n_win * args.batch / elapsed,
+                                               sec_per_step=elapsed / n_win), sums, n_win, device, world)
+            bar.set_postfix(loss=f'{rec["loss"]:.4f}', ips=f'{rec["images_per_s"]:.0f}')
+            t_last, sums, n_win = time.time(), {}, 0
+        if step % args.ckpt_every == 0 or step == args.steps:
+            if rank == 0:
+                tu.save_checkpoint(ckpt_path, tu.checkpoint(step, 'teacher', args, model_kwargs, dataset, net, ema,
+                                                            wnet, opt, scaler))
+            saved_step = step
+        if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+            F = lambda u, t: ema(u, t, grid_labels)                      # the paper's teacher sampler: Heun, 35 NFE
+            tu.save_grids(args.out, step, dataset, {'heun35': tf.sample_heun(F, grid_z, num_steps=18)})
+    bar.close()
+    tu.report_weights(net, rank, world)
 
 
 if __name__ == '__main__':
-    training.main_guard(main)
+    tu.main_guard(main)

@@ -109,26 +109,6 @@ def sample_t(n, P_mean, P_std, sigma_d=SIGMA_D, device=None, generator=None):
     return torch.atan(tau.exp() / sigma_d).clamp(T_MIN, T_MAX)
 
 
-def discrete_times(N, sigma_d=SIGMA_D, rho=7.0):
-    """The dsCD grid (App. E): sigma_i = (sigma_min^(1/rho) + i/N (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho,
-    i = 0..N, t_i = arctan(sigma_i / sigma_d), with t_0 replaced by 0. Returns [N + 1] ascending times."""
-    i = torch.arange(N + 1, dtype=torch.float64)
-    sigma = (SIGMA_MIN ** (1 / rho) + i / N * (SIGMA_MAX ** (1 / rho) - SIGMA_MIN ** (1 / rho))) ** rho
-    ts = torch.atan(sigma / sigma_d)
-    ts[0] = 0.0
-    return ts.float()
-
-
-def sample_t_discrete(n, ts, P_mean, P_std, sigma_d=SIGMA_D, device=None, generator=None):
-    """Draw grid intervals (t_prev, t) = (ts[i-1], ts[i]) with probability proportional to the log-normal mass of
-    sigma in (sigma_{i-1}, sigma_i] (iCT's discretized proposal, used by dsCD in App. E). Returns (t, t_prev)."""
-    log_sigma = (sigma_d * ts[1:].double().tan()).log()
-    cdf = torch.special.ndtr((log_sigma - P_mean) / P_std)
-    p = torch.diff(cdf, prepend=torch.zeros(1, dtype=cdf.dtype))             # mass of (sigma_{i-1}, sigma_i]
-    i = torch.multinomial(p.float(), n, replacement=True, generator=generator) + 1
-    return ts[i].to(device), ts[i - 1].to(device)
-
-
 class AdaptiveWeight(nn.Module):
     """w_phi(t), the learned adaptive weighting of Eq. 8 (App. D), trained with the same optimizer as theta.
     Minimizing e^w E[||.||^2/D] - w gives e^{w*(t)} = 1 / E[||.||^2 / D | t], which evens out the loss over t.
@@ -163,57 +143,37 @@ def diffusion_loss(F, x0, t, z, w=None, sigma_d=SIGMA_D):
     return loss.mean(), mse.detach()
 
 
-def _rng_state(device):
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)
-
-
-def _set_rng_state(state, device):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
+def _same_rng(device):
+    """A block after which the RNG is back where it started, so that the next forward draws the same dropout mask."""
+    return torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], device_type=device.type)
 
 
 @torch.no_grad()
-def scm_tangent(F, x_t, t, dxdt, r=1.0, dt=None, sigma_d=SIGMA_D):
+def scm_tangent(F, x_t, t, dxdt, r=1.0, sigma_d=SIGMA_D):
     """F_minus = F(x_t/sigma_d, t) and the tangent g = cos(t) df_minus/dt of Alg. 1, before normalization:
 
         g = -cos^2(t) (sigma_d F_minus - dxdt) - r cos(t) sin(t) (x_t + sigma_d dF_minus/dt)          (Eq. 6, Alg. 1)
 
-    dt = None: continuous time. sigma_d cos(t) sin(t) dF/dt comes from one torch.func.jvp with the cos*sin factor
-    folded into the tangent inputs (the JVP rearrangement of §5.1), so no intermediate tangent is scaled by the
-    large 1/sin or 1/cos factors that overflow fp16 near t = 0 or pi/2.
-    dt = a number or [B]: discrete time (dsCD, App. E) with the finite-difference tangent of Eq. 37 between t and
-    t' = t - dt, where x_t' is one DDIM step (Eq. 26) along dxdt; for sCT's dxdt that step is exact (x_t' shares z).
-    r is the tangent warmup factor min(1, step / 10k) (§4.2). Both F evaluations see the same dropout mask."""
+    sigma_d cos(t) sin(t) dF/dt comes from one torch.func.jvp with the cos*sin factor folded into the tangent inputs
+    (the JVP rearrangement of §5.1), so no intermediate tangent is scaled by the large 1/sin or 1/cos factors that
+    overflow fp16 near t = 0 or pi/2. r is the tangent warmup factor min(1, step / 10k) (§4.2)."""
     t, x_t, dxdt = _wide(t), _wide(x_t), _wide(dxdt)
     cos, sin = _bc(t.cos(), x_t), _bc(t.sin(), x_t)
-    if dt is None:
-        with sdpa_kernel([SDPBackend.MATH]):   # fused SDPA has no forward AD (App. F); model.py also checks itself
-            F_minus, cs_dFdt = torch.func.jvp(F, (x_t / sigma_d, t), (cos * sin * dxdt / sigma_d, (cos * sin).flatten()))
-        F_minus, cs_dFdt = _wide(F_minus), _wide(cs_dFdt)                  # cs_dFdt = cos(t) sin(t) dF/dt
-        g = -cos ** 2 * (sigma_d * F_minus - dxdt) - r * (cos * sin * x_t + sigma_d * cs_dFdt)
-        return F_minus, g
-    dt = _bc(torch.as_tensor(dt, dtype=x_t.dtype, device=x_t.device), x_t)
-    t_prev = t - dt.flatten()
-    cos_p, sin_p = _bc(t_prev.cos(), x_t), _bc(t_prev.sin(), x_t)
-    x_prev = dt.cos() * x_t - dt.sin() * dxdt                                # DDIM step t -> t' (Eq. 26)
-    rng = _rng_state(x_t.device)
-    F_minus = _wide(F(x_t / sigma_d, t))
-    _set_rng_state(rng, x_t.device)
-    F_prev = _wide(F(x_prev / sigma_d, t_prev))
-    # Eq. 37: Delta = [f(x_t, t) - f(x_t', t')] / sin(t - t'), rearranged so no large terms cancel
-    delta = (-cos_p * (sigma_d * F_minus - dxdt)
-             - r * sin_p * (x_t + sigma_d * (dt.cos() * F_minus - F_prev) / dt.sin()))
-    return F_minus, cos * delta
+    with sdpa_kernel([SDPBackend.MATH]):       # fused SDPA has no forward AD (App. F); model.py also checks itself
+        F_minus, cs_dFdt = torch.func.jvp(F, (x_t / sigma_d, t), (cos * sin * dxdt / sigma_d, (cos * sin).flatten()))
+    F_minus, cs_dFdt = _wide(F_minus), _wide(cs_dFdt)                      # cs_dFdt = cos(t) sin(t) dF/dt
+    g = -cos ** 2 * (sigma_d * F_minus - dxdt) - r * (cos * sin * x_t + sigma_d * cs_dFdt)
+    return F_minus, g
 
 
 def normalize_tangent(g, c=0.1, kind='rms'):
     """Tangent normalization g / (||g|| + c) with c = 0.1 (§4.2, all experiments).
 
-    The paper does not say which norm ||g|| is. We default to the RMS norm ||g|| / sqrt(D), as Sana-Sprint does:
-    c = 0.1 is then compared with the per-element size of g, as is the paper's alternative (clipping g to [-1, 1]
-    element-wise), and its effect does not change with resolution. With the plain l2 norm (kind='l2') and D >= 784,
-    ||g|| >> 0.1 for any tangent that matters and c does nothing. Either way ||g_normalized|| < 1 in its own norm."""
+    The paper does not say which norm ||g|| is. We default to the RMS norm ||g|| / sqrt(D), as NVlabs/FastGen
+    (`g_norm_spatial_invariance`) and xandergos/sCM-mnist do: c = 0.1 is then compared with the per-element size of g,
+    as is the paper's alternative (clipping g to [-1, 1] element-wise), and its effect does not change with
+    resolution. kind='l2' is the plain per-sample norm (Sana-Sprint's choice); with D >= 784 it is >> 0.1 for any
+    tangent that matters, and c does nothing. Either way ||g_normalized|| < 1 in its own norm."""
     norm = g.flatten(1).norm(dim=1)
     if kind == 'rms':
         norm = norm / math.sqrt(g[0].numel())
@@ -222,9 +182,14 @@ def normalize_tangent(g, c=0.1, kind='rms'):
     return g / (_bc(norm, g) + c)
 
 
+def tangent_warmup(step, H=10_000):
+    """r = min(1, step / H), H = 10k iterations (§4.2, Tables 4-5): ramps the second tangent term in."""
+    return min(1.0, step / H) if H > 0 else 1.0
+
+
 def scm_loss(F, x_t, t, dxdt, *, F_minus=None, w=None, r=1.0, c=0.1, tangent_norm='rms', dt=None,
              sigma_d=SIGMA_D):
-    """The sCM loss of a batch (Eq. 8, Alg. 1), averaged over the batch:
+    """The sCM loss of a batch (Eq. 8, Alg. 1: tangent, normalization, loss), averaged over the batch:
 
         (e^{w_phi(t)} / D) ||F_theta(x_t/sigma_d, t) - F_theta-(x_t/sigma_d, t) - g||^2 - w_phi(t)
 
@@ -237,36 +202,73 @@ def scm_loss(F, x_t, t, dxdt, *, F_minus=None, w=None, r=1.0, c=0.1, tangent_nor
              module (model.module): the JVP then touches no DDP hooks and all ranks stay identical. Default: F.
     w        w_phi(t) [B] from AdaptiveWeight (trained jointly), or None for unit weight
     r        tangent warmup factor; c, tangent_norm: tangent normalization (c=None switches it off)
-    dt       None: sCM; a number or [B]: discrete-time dsCD with the finite-difference tangent (App. E)
+    dt       None: sCM; a number or [B]: the discrete-time dsCD baseline, finite-difference tangent (App. E)
 
-    Dropout: the tangent pass and the gradient pass are two forwards (the JVP pass runs without autograd, the way a
-    DDP step stays cheap). We restore the RNG state between them, so the gradient pass sees exactly the dropout mask
-    the tangent was computed with, as in a one-pass form (test_dropout_masks_match). The paper is silent
+    The tangent pass and the gradient pass are two forwards; both draw the same dropout mask (the RNG is forked
+    around the first), so F_theta - F_theta- is exactly 0 in value, as in a one-pass form. The paper is silent
     (UNCONFIRMED); iCT synchronizes the dropout RNG of student and teacher the same way.
-    Returns (loss, terms): terms holds detached batch means for logging and NaN checks."""
+    Returns (loss, terms): detached batch means for logging and the non-finite check --
+    loss; mse, the weighted term's ||.||^2 / D; tangent_rms, the RMS of g before normalization; dxdt_rms; w."""
     F_minus = F if F_minus is None else F_minus
-    rng = _rng_state(x_t.device)
-    F_m, g = scm_tangent(F_minus, x_t, t, dxdt, r=r, dt=dt, sigma_d=sigma_d)
-    g_norm = g.flatten(1).norm(dim=1) / math.sqrt(g[0].numel())
+    with _same_rng(x_t.device):                                                   # Alg. 1: g, by JVP (or finite difference)
+        if dt is None:
+            _, g = scm_tangent(F_minus, x_t, t, dxdt, r=r, sigma_d=sigma_d)
+        else:
+            _, g = dscd_tangent(F_minus, x_t, t, dxdt, dt, r=r, sigma_d=sigma_d)
+    tangent_rms = g.square().flatten(1).mean(1).sqrt()
     if c is not None:
-        g = normalize_tangent(g, c, tangent_norm)
-    _set_rng_state(rng, x_t.device)
-    F_theta = _wide(F(x_t / sigma_d, t))
-    # F_theta- = stopgrad(F_theta): the same forward with the gradient stopped, so F_theta - F_theta- is exactly 0 in
-    # value in any precision; F_m (the JVP pass's output) feeds only g. F_gap monitors that both passes computed the
-    # same function (same dropout mask); it is ~0 in fp32 and at rounding level under autocast.
+        g = normalize_tangent(g, c, tangent_norm)                                 # g <- g / (||g|| + c)
+    F_theta = _wide(F(x_t / sigma_d, t))                                          # F_theta, with gradient
+    # F_theta- = stopgrad(F_theta): the same forward with the gradient stopped, so F_theta - F_theta- is exactly 0.
     mse = (F_theta - F_theta.detach() - g).square().flatten(1).mean(1)
     loss = mse if w is None else w.exp() * mse - w
-    terms = dict(loss=loss.detach().mean(), mse=mse.detach().mean(), tangent_rms=g_norm.mean(),
-                 F_gap=(F_theta.detach() - F_m).square().mean().sqrt(),
-                 F_minus_rms=F_m.square().mean().sqrt(), dxdt_rms=_wide(dxdt).square().mean().sqrt(),
-                 w=(w.detach().mean() if w is not None else torch.zeros((), device=x_t.device)))
+    zero = torch.zeros((), device=x_t.device)
+    terms = dict(loss=loss.detach().mean(), mse=mse.detach().mean(), tangent_rms=tangent_rms.mean(),
+                 dxdt_rms=_wide(dxdt).square().mean().sqrt(), w=zero if w is None else w.detach().mean())
     return loss.mean(), terms
 
 
-def tangent_warmup(step, H=10_000):
-    """r = min(1, step / H), H = 10k iterations (§4.2, Tables 4-5): ramps the second tangent term in."""
-    return min(1.0, step / H) if H > 0 else 1.0
+# ---------------------------------------------------------------------------------------------------------------
+# The discrete-time baseline dsCD (App. E): the same loss with a finite-difference tangent on a grid of N steps.
+
+
+def discrete_times(N, sigma_d=SIGMA_D, rho=7.0):
+    """The dsCD grid (App. E): sigma_i = (sigma_min^(1/rho) + i/N (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho,
+    i = 0..N, t_i = arctan(sigma_i / sigma_d), with t_0 replaced by 0. Returns [N + 1] ascending times."""
+    i = torch.arange(N + 1, dtype=torch.float64)
+    sigma = (SIGMA_MIN ** (1 / rho) + i / N * (SIGMA_MAX ** (1 / rho) - SIGMA_MIN ** (1 / rho))) ** rho
+    ts = torch.atan(sigma / sigma_d)
+    ts[0] = 0.0
+    return ts.float()
+
+
+def sample_t_discrete(n, ts, P_mean, P_std, sigma_d=SIGMA_D, device=None, generator=None):
+    """Draw grid intervals (t_prev, t) = (ts[i-1], ts[i]) with probability proportional to the log-normal mass of
+    sigma in (sigma_{i-1}, sigma_i] (iCT's discretized proposal, used by dsCD in App. E). Returns (t, t_prev)."""
+    log_sigma = (sigma_d * ts[1:].double().tan()).log()
+    cdf = torch.special.ndtr((log_sigma - P_mean) / P_std)
+    p = torch.diff(cdf, prepend=torch.zeros(1, dtype=cdf.dtype))             # mass of (sigma_{i-1}, sigma_i]
+    i = torch.multinomial(p.float(), n, replacement=True, generator=generator) + 1
+    return ts[i].to(device), ts[i - 1].to(device)
+
+
+@torch.no_grad()
+def dscd_tangent(F, x_t, t, dxdt, dt, r=1.0, sigma_d=SIGMA_D):
+    """F_minus = F(x_t/sigma_d, t) and the finite-difference tangent of Eq. 37 between t and t' = t - dt, times cos(t)
+    (the same scale as scm_tangent's g; it converges to it as dt -> 0). x_t' is one DDIM step (Eq. 26) along dxdt;
+    for sCT's dxdt that step is exact (x_t' shares z). dt: a number or [B]. Both F evaluations see one dropout mask."""
+    t, x_t, dxdt = _wide(t), _wide(x_t), _wide(dxdt)
+    dt = _bc(torch.as_tensor(dt, dtype=x_t.dtype, device=x_t.device), x_t)
+    t_prev = t - dt.flatten()
+    cos, cos_p, sin_p = _bc(t.cos(), x_t), _bc(t_prev.cos(), x_t), _bc(t_prev.sin(), x_t)
+    x_prev = dt.cos() * x_t - dt.sin() * dxdt                                # DDIM step t -> t' (Eq. 26)
+    with _same_rng(x_t.device):
+        F_minus = _wide(F(x_t / sigma_d, t))
+    F_prev = _wide(F(x_prev / sigma_d, t_prev))
+    # Eq. 37: Delta = [f(x_t, t) - f(x_t', t')] / sin(t - t'), rearranged so no large terms cancel
+    delta = (-cos_p * (sigma_d * F_minus - dxdt)
+             - r * sin_p * (x_t + sigma_d * (dt.cos() * F_minus - F_prev) / dt.sin()))
+    return F_minus, cos * delta
 
 
 # ---------------------------------------------------------------------------------------------------------------
