@@ -127,8 +127,8 @@ def load_images(source, num=None, split='train', data_dir=None):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise FIDError(f'{source}: "{key}" is {images.dtype} {images.shape}, expected uint8 [N, H, W, C] with '
                            f'C = 1 or 3')
-        if num is not None and len(images) < num:
-            raise FIDError(f'{source} holds {len(images)} images, fewer than --num {num}')
+        if len(images) < max(num or 0, 2):
+            raise FIDError(f'{source} holds {len(images)} images, fewer than ' + (f'--num {num}' if num else '2'))
         return images[:num]
     ds = data.load_dataset(source, data_dir, split)
     if ds.is_latent:
@@ -138,6 +138,7 @@ def load_images(source, num=None, split='train', data_dir=None):
         raise FIDError(f'{source} holds {len(ds)} images, fewer than --num {num}')
     if ds.images is not None:                                   # named datasets: uint8 [N,C,H,W] in memory
         return ds.images[:n].permute(0, 2, 3, 1).numpy()
+    ds.shape = (3,) + ds.shape[1:]           # files: each image converted to RGB on its own, as pytorch-fid does
     chunks = [data.to_uint8(ds.get_batch(range(i, min(i + 256, n)))[0])  # files: [-1, 1] -> round((x + 1) 127.5)
               for i in tqdm(range(0, n, 256), desc=f'reading {source}')]
     return np.concatenate(chunks)
@@ -165,9 +166,12 @@ def stats_of(spec, args, get_model):
     return (*stats(features_of(images, get_model(), args.batch)), PREPROCESS)
 
 
-def warn_mismatch(a, b):
-    if a and b and a != b:
-        print(f'warning: statistics made with different preprocessing: {a!r} vs {b!r}', file=sys.stderr)
+def warn_mismatch(a, b, where='the second statistics'):
+    """Warn when two statistics were made differently, or when one does not say how (e.g. pytorch-fid's files)."""
+    if a != b:
+        what = f'{a!r} vs {b!r}' if a and b else f'{where if not b else "the first statistics"} do not record it'
+        print(f'warning: statistics made with different or unknown preprocessing ({what}); FIDs are comparable only '
+              f'between statistics made with the same Inception weights and preprocessing', file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ def cmd_stats(args, get_model):
 def cmd_fid(args, get_model):
     mu1, s1, p1 = stats_of(args.a, args, get_model)
     mu2, s2, p2 = stats_of(args.b, args, get_model)
-    warn_mismatch(p1, p2)
+    warn_mismatch(p1, p2, args.b)
     print(f'{frechet_distance(mu1, s1, mu2, s2):.4f}')
 
 
@@ -208,7 +212,9 @@ def cmd_checkpoint(args, get_model):
     import sample                                               # noqa: PLC0415 - only this command needs it
     rank, world, device = sample.init_distributed()
     net, ckpt = sample.load_net(args.checkpoint, args.raw, device)
+    sample.check_args(args, ckpt)
     model = get_model(device)
+    ref = stats_of(args.ref, args, get_model) if rank == 0 else None      # a bad --ref fails before the sampling
     feats = [features_of(x, model, args.batch, progress=False).astype(np.float32) for x in
              sample.image_batches(net, ckpt, list(range(rank, args.num, world)), args, device,
                                   desc='sampling + inception', progress=rank == 0)]
@@ -218,8 +224,8 @@ def cmd_checkpoint(args, get_model):
         dist.all_gather_object(gathered, feats)
         feats = np.concatenate(gathered)
     if rank == 0:
-        mu_r, s_r, p_r = stats_of(args.ref, args, get_model)
-        warn_mismatch(PREPROCESS, p_r)
+        mu_r, s_r, p_r = ref
+        warn_mismatch(PREPROCESS, p_r, args.ref)
         what = 'heun' if ckpt['method'] == 'teacher' or args.sampler == 'heun' else f'ts {args.ts}' if args.ts \
             else f'{args.steps}-step'
         print(f'{args.checkpoint} ({what}, {len(feats)} samples) vs {args.ref}', file=sys.stderr)
@@ -252,6 +258,8 @@ def main():
     s.add_argument('--ref', required=True, help='reference stats .npz (or a source: its first --num images)')
     sample.add_sampler_args(s, batch=False)
     args = p.parse_args()
+    if args.num is not None and args.num < 1 or args.batch < 1:
+        raise FIDError('-n/--num and --batch must be at least 1')
     if args.command == 'checkpoint' and not args.num:
         raise FIDError('checkpoint needs --num N samples')
 

@@ -30,6 +30,21 @@ import trigflow as tf
 # Loading a network and making per-image noise.
 
 
+def check_output(path):
+    """Fail before the work, not after it: path must name a file in a folder we can write (created if missing)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise tu.UserError(f'{path} is a folder; name the file to write')
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise tu.UserError(f'cannot create the folder of {path}: {e.strerror}') from None
+    if not os.access(folder, os.W_OK):
+        raise tu.UserError(f'cannot write {path}: {folder} is not writable')
+
+
 def init_distributed():
     """(rank, world, device): torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process."""
     if 'RANK' in os.environ:
@@ -44,9 +59,34 @@ def init_distributed():
 def load_net(path, raw=False, device='cpu'):
     """(network, checkpoint) with the EMA weights (or the raw ones) of any of the three training scripts."""
     ckpt = tu.load_checkpoint(path)
+    state = ckpt['net' if raw else 'ema']
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise tu.UserError(f'{path}: the {"raw" if raw else "EMA"} weights hold NaN or Inf ({len(bad)} tensors, '
+                           f'e.g. {bad[0]}); the run diverged before this checkpoint')
     net = model.build(dict(ckpt['model_kwargs'], dropout=0.0))
-    net.load_state_dict(ckpt['net' if raw else 'ema'])
+    net.load_state_dict(state)
     return net.eval().requires_grad_(False).to(device), ckpt
+
+
+def check_args(args, ckpt):
+    """One line for every sampler setting that would give wrong images without failing."""
+    classes = ckpt['model_kwargs'].get('label_dim', 0)
+    if args.num < 1 or args.batch < 1:
+        raise tu.UserError('-n/--num and --batch must be at least 1')
+    if args.label is not None and not 0 <= args.label < classes:
+        raise tu.UserError(f'--label {args.label}: the model has ' + (f'classes 0..{classes - 1}' if classes
+                                                                       else 'no classes'))
+    if ckpt['method'] == 'teacher':
+        if args.sampler == 'consistency' or args.ts or args.steps != 1:
+            raise tu.UserError('a teacher samples with EDM Heun (--heun-steps N, 2N - 1 NFE); --steps, --ts and '
+                               '--sampler consistency are for sCD/sCT checkpoints')
+    if ckpt['method'] == 'teacher' or args.sampler == 'heun':
+        if args.heun_steps < 2:
+            raise tu.UserError(f'--heun-steps {args.heun_steps}: Heun needs at least 2 steps (18 = 35 NFE)')
+    elif args.ts and not (all(0 < t <= tf.T_MAX for t in args.ts) and
+                          all(a > b for a, b in zip(args.ts, args.ts[1:]))):
+        raise tu.UserError(f'--ts {" ".join(map(str, args.ts))}: times must descend, within (0, {tf.T_MAX:.4f}]')
 
 
 def data_info(ckpt):
@@ -85,8 +125,8 @@ def add_sampler_args(p, batch=True):
     p.add_argument('--raw', action='store_true', help='the raw weights instead of the EMA')
     p.add_argument('--steps', type=int, default=1, choices=[1, 2], help='consistency steps: 1, or 2 through t = 1.1')
     p.add_argument('--ts', type=float, nargs='+', help='any list of descending TrigFlow times (overrides --steps)')
-    p.add_argument('--sampler', choices=['consistency', 'heun'], default='consistency',
-                   help='heun: the ODE sampler (always used for a teacher)')
+    p.add_argument('--sampler', choices=['consistency', 'heun'],
+                   help='consistency (sCD/sCT; default) or heun: the ODE sampler (a teacher\'s only one)')
     p.add_argument('--heun-steps', type=int, default=18, help='Heun steps: 18 = 35 NFE, 32 = 63 NFE')
     p.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale (1 = none)')
     p.add_argument('--label', type=int, default=None, help='class of every image (default: image index mod classes)')
@@ -117,7 +157,10 @@ def image_batches(net, ckpt, indices, args, device, desc='sampling', progress=Tr
         labels = None
         if classes:
             labels = torch.tensor([args.label if args.label is not None else j % classes for j in idx], device=device)
-        yield data.to_uint8(to_images(generate(net, ckpt, z, labels, args, randn_like), ckpt).cpu())
+        x = generate(net, ckpt, z, labels, args, randn_like)
+        if not torch.isfinite(x).all():
+            raise tu.UserError(f'the network produced NaN or Inf samples (images {idx[0]}..{idx[-1]})')
+        yield data.to_uint8(to_images(x, ckpt).cpu())
 
 
 def to_images(x, ckpt):
@@ -286,6 +329,9 @@ def main():
 
     rank, world, device = init_distributed()
     net, ckpt = load_net(args.checkpoint, args.raw, device)
+    check_args(args, ckpt)
+    for path in (args.grid, args.npz):
+        check_output(path)
     if args.edit:
         if ckpt['model_kwargs'].get('label_dim') and args.label is None:
             raise tu.UserError(f'this model is class-conditional ({ckpt["model_kwargs"]["label_dim"]} classes): '
@@ -308,9 +354,13 @@ def main():
         for r, part in enumerate(gathered):
             images[r::world] = part
         if args.npz:
-            tmp = args.npz + '.tmp.npz'
-            np.savez(tmp, samples=images)
-            os.replace(tmp, args.npz)
+            tmp = args.npz + '.tmp.npz'                            # np.savez adds .npz to other names
+            try:
+                np.savez(tmp, samples=images)
+                os.replace(tmp, args.npz)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
             print(f'wrote {args.num} images to {args.npz}')
         if args.grid:
             shown = images if args.num <= 256 else images[:64]

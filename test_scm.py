@@ -692,8 +692,11 @@ def test_resume_is_bit_exact(script, image_folder, tiny_teacher, tmp_path):
     for key in ('net', 'ema', 'wnet'):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
-    logs = [json.loads(line) for line in open(tmp_path / 'b' / 'log.jsonl')]
-    assert [r['step'] for r in logs] == [2, 3, 4, 6] or [r['step'] for r in logs] == [2, 4, 6]
+    log_a = {r['step']: r for r in map(json.loads, open(tmp_path / 'a' / 'log.jsonl'))}
+    log_b = {r['step']: r for r in map(json.loads, open(tmp_path / 'b' / 'log.jsonl'))}
+    assert sorted(log_a) == [2, 4, 6] and sorted(log_b) == [2, 3, 4, 6]
+    for k in (2, 4, 6):   # step 4 averages steps 3 (before the resume) and 4, as in the uninterrupted run
+        assert log_a[k]['loss'] == log_b[k]['loss'] and log_a[k]['grad_norm'] == log_b[k]['grad_norm'], k
 
 
 @pytest.mark.parametrize('script', ['train_teacher.py', 'train_scd.py', 'train_sct.py'])
@@ -732,6 +735,10 @@ def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
     (broken / 'zz.png').write_text('not an image')
     fails('train_teacher.py', *base, '--data', broken, '--batch', 9, '--out', tmp_path / 'x1', match='zz.png')
     fails('train_teacher.py', *base, '--data', broken, '--batch', 18, '--out', tmp_path / 'x2', match='fewer than')
+    for flag, value in [('--batch', -16), ('--batch', 0), ('--ckpt-every', 0), ('--log-every', 0), ('--lr', -1),
+                        ('--workers', -1), ('--batch-gpu', 0)]:
+        fails('train_teacher.py', *base, '--data', image_folder, flag, value, '--out', tmp_path / 'x3', match=flag)
+    fails('train_teacher.py', *base, '--data', image_folder, '--out', image_folder + '/000.png', match='is a file')
     # a teacher of another architecture
     fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tiny_teacher,
           '--model', 'DiT-tiny', match='another architecture')
@@ -745,19 +752,95 @@ def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_names_the_term(tmp_path):
-    """A NaN in the data reaches the loss: the run stops at that step, names the term, exits 3."""
+    """A NaN in the data reaches the loss: the run stops at that step (counted from 1, as the log counts), names the
+    term and the data as the cause, exits 3. With --on-nonfinite skip it skips every step and still checkpoints."""
     lat = torch.randn(16, 4, 8, 8).numpy()
     lat[3, 0, 0, 0] = float('nan')
-    import numpy as np
     np.save(tmp_path / 'lat.npy', lat)
-    p = run_script('train_teacher.py', '--preset', 'fashion-s', '--data', tmp_path / 'lat.npy', '--model', 'DiT-tiny',
-                   '--batch', 16, '--steps', 3, '--out', tmp_path / 'run', '--label-dropout', 0, check=False)
+    common = ['--preset', 'fashion-s', '--data', tmp_path / 'lat.npy', '--model', 'DiT-tiny', '--batch', 16,
+              '--steps', 3, '--label-dropout', 0, '--sample-every', 0]
+    p = run_script('train_teacher.py', *common, '--out', tmp_path / 'run', check=False)
     assert p.returncode == 3, p.stderr[-2000:]
-    assert 'step 0: non-finite loss' in p.stderr, p.stderr[-2000:]
-    p = run_script('train_teacher.py', '--preset', 'fashion-s', '--data', tmp_path / 'lat.npy', '--model', 'DiT-tiny',
-                   '--batch', 16, '--steps', 3, '--out', tmp_path / 'run2', '--label-dropout', 0,
-                   '--on-nonfinite', 'skip', '--sample-every', 0)
-    assert 'step 0: non-finite loss' in p.stdout and 'step skipped' in p.stdout, p.stdout[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert 'step 1: non-finite loss' in last and 'training data holds NaN' in last, last
+    p = run_script('train_teacher.py', *common, '--out', tmp_path / 'run2', '--on-nonfinite', 'skip', '--ckpt-every', 3)
+    assert 'step 1: non-finite loss' in p.stdout and 'step skipped' in p.stdout, p.stdout[-2000:]
+    assert _ckpt(tmp_path / 'run2' / 'checkpoint.pt')['step'] == 3          # the skipped last step still saves
+
+
+def test_one_writer_per_run_and_no_litter(image_folder, tmp_path):
+    """A run folder whose lock is held is refused; holding it, a run removes what killed writers left (temporary
+    files, a log without a checkpoint), and a torn last log line does not stop a resume."""
+    import fcntl
+    base = ['--preset', 'fashion-s', '--data', image_folder, *TINY[:-2], '--label-dropout', 0]
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'log.jsonl').write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 1.0}\n')   # killed, no checkpoint
+    with open(out / '.lock', 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = run_script('train_teacher.py', *base, '--steps', 2, '--out', out, check=False)
+        assert p.returncode == 2 and 'in use by another process' in p.stderr.strip().splitlines()[-1], p.stderr
+    run_script('train_teacher.py', *base, '--steps', 2, '--out', out)
+    assert [json.loads(line)['step'] for line in open(out / 'log.jsonl')] == [2]
+    (out / 'checkpoint.pt.tmp4242').write_bytes(b'half a checkpoint')
+    (out / 'samples').mkdir(exist_ok=True)
+    (out / 'samples' / 'x.png.tmp').write_bytes(b'half a png')
+    with open(out / 'log.jsonl', 'a') as f:
+        f.write('{"step": 3, "lo')                                                   # torn by a kill
+    run_script('train_teacher.py', *base, '--steps', 4, '--out', out, '--resume')
+    assert sorted(os.listdir(out)) == ['.lock', 'checkpoint.pt', 'config.json', 'log.jsonl', 'samples']
+    assert os.listdir(out / 'samples') == []
+    assert [json.loads(line)['step'] for line in open(out / 'log.jsonl')] == [2, 4]
+
+
+def test_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+    import train_util
+    path = str(tmp_path / 'checkpoint.pt')
+    train_util.save_checkpoint(path, {'step': 1})
+
+    def full_disk(obj, f):
+        with open(f, 'wb') as fh:
+            fh.write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(train_util.UserError, match='disk is full.*previous checkpoint is intact'):
+        train_util.save_checkpoint(path, {'step': 2})
+    assert os.listdir(tmp_path) == ['checkpoint.pt'] and torch.load(path)['step'] == 1
+
+
+def test_sampling_refuses_what_would_give_wrong_images(tiny_teacher, image_folder, tmp_path):
+    def fails(*args, match):
+        p = run_script('sample.py', *args, check=False)
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 2 and last.startswith('error:') and match in last, (p.returncode, p.stderr[-1500:])
+
+    run_script('train_sct.py', '--preset', 'fashion-s', '--data', image_folder, *TINY, '--teacher', tiny_teacher,
+               '--out', tmp_path / 'sct', '--steps', 1)
+    sct = tmp_path / 'sct' / 'checkpoint.pt'
+    png = tmp_path / 'x.png'
+    fails(sct, '-n', 0, '--grid', png, match='at least 1')
+    fails(sct, '--batch', 0, '--grid', png, match='at least 1')
+    fails(sct, '--ts', 3.0, '--grid', png, match='must descend')
+    fails(sct, '--ts', 0.5, 1.1, '--grid', png, match='must descend')
+    fails(sct, '--sampler', 'heun', '--heun-steps', 1, '--grid', png, match='at least 2 steps')
+    fails(sct, '--grid', tmp_path, match='is a folder')
+    fails(sct, '--label', 3, '--grid', png, match='no classes')
+    fails(tiny_teacher, '--steps', 2, '--grid', png, match='a teacher samples with EDM Heun')
+    fails(sct, '--edit', 'denoise', match='--input')
+    ckpt = _ckpt(sct)
+    ckpt['ema'][next(iter(ckpt['ema']))].fill_(float('nan'))
+    torch.save(ckpt, tmp_path / 'nan.pt')
+    fails(tmp_path / 'nan.pt', '--grid', png, match='hold NaN')
+    torch.save([1], tmp_path / 'list.pt')
+    fails(tmp_path / 'list.pt', '--grid', png, match='not a checkpoint')
+    torch.save({'net': {}}, tmp_path / 'dict.pt')
+    fails(tmp_path / 'dict.pt', '--grid', png, match='not a checkpoint')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)              # torch.jit is deprecated
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / 'ts.pt'))
+    fails(tmp_path / 'ts.pt', '--grid', png, match='checkpoint')
+    assert not os.path.exists(png) and not [f for f in os.listdir(tmp_path) if 'tmp' in f]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1089,6 +1172,31 @@ def test_fid_inception_matches_torchscript(tmp_path, single_thread):
     torch.save(sd, tmp_path / inception.PTH_NAME)
     other = inception.load_inception(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+
+
+def test_fid_refuses_bad_counts_and_warns_on_unknown_statistics(tmp_path):
+    np.savez(tmp_path / 'empty.npz', samples=np.zeros((0, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / 'a.npz', mu=np.zeros(4), sigma=np.eye(4), preprocess=np.array(fid.PREPROCESS))
+    np.savez(tmp_path / 'b.npz', mu=np.ones(4), sigma=np.eye(4))                       # pytorch-fid's: no tag
+    for args, match in [(['stats', tmp_path / 'empty.npz', '--out', tmp_path / 's.npz'], 'fewer than 2'),
+                        (['stats', tmp_path / 'empty.npz', '-n', -5, '--out', tmp_path / 's.npz'], 'at least 1')]:
+        p = run_script('fid.py', *args, check=False)
+        assert p.returncode == 2 and match in p.stderr.strip().splitlines()[-1], p.stderr[-1500:]
+    p = run_script('fid.py', 'fid', tmp_path / 'a.npz', tmp_path / 'b.npz')
+    assert p.stdout.strip() == '4.0000' and 'warning: statistics made with different or unknown' in p.stderr
+
+
+def test_fid_reads_each_image_of_a_folder_in_its_own_colours(tmp_path):
+    """pytorch-fid converts every image to RGB on its own; a grayscale first image must not make the folder gray."""
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    for i, a in enumerate(colour):
+        _png(tmp_path / 'mixed' / f'{i + 1}.png', a)
+        _png(tmp_path / 'rgb' / f'{i + 1}.png', a)
+    _png(tmp_path / 'mixed' / '0.png', colour[0, :, :, 0])                             # gray, sorted first
+    mixed, rgb = fid.load_images(tmp_path / 'mixed'), fid.load_images(tmp_path / 'rgb')
+    assert mixed.shape == (4, 8, 8, 3) and np.array_equal(mixed[1:], rgb)
+    assert np.array_equal(mixed[0], np.repeat(colour[0, :, :, :1], 3, axis=2))
 
 
 # ---------------------------------------------------------------------------------------------------------------

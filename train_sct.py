@@ -12,7 +12,6 @@ import argparse
 import copy
 import json
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -72,6 +71,7 @@ def main():
     tu.add_common_args(p)
     tu.add_cm_args(p)
     args = tu.parse_args(p, PRESETS)
+
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process.
     if 'RANK' in os.environ:
         dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
@@ -80,7 +80,7 @@ def main():
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    ckpt_path = tu.open_run(args, 'sct')
+    ckpt_path = tu.open_run(args, 'sct', rank)
     log_path = os.path.join(args.out, 'log.jsonl') if rank == 0 else None
 
     # Data: micro-batches of batch_gpu per process, accum of them per step.
@@ -100,9 +100,10 @@ def main():
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
-    step, saved_step = 0, None
+    step, saved_step, window = 0, None, tu.new_window()
     if args.resume:
-        step = saved_step = tu.resume(ckpt_path, 'sct', tu.run_config(args), net, ema, wnet, opt, scaler, log_path)
+        step, window = tu.resume(ckpt_path, 'sct', tu.run_config(args), net, ema, wnet, opt, scaler, log_path)
+        saved_step = step
     ddp_net, ddp_wnet = (DDP(net), DDP(wnet)) if world > 1 else (net, wnet)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -115,7 +116,6 @@ def main():
     stream = tu.data_stream(dataset, batch_gpu, rank, world, args.seed, step * accum, args.workers)
     grid_z, grid_labels = tu.grid_inputs(dataset, model_kwargs['label_dim'], device)
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f'sct {args.preset}')
-    t_last, sums, n_win = time.time(), {}, 0
     net.train()
     while step < args.steps:
         lr = tu.learning_rate(args, step)
@@ -143,9 +143,9 @@ def main():
             del terms['grad_norm']
         bad = tu.nonfinite(terms, device, world)
         if bad and args.on_nonfinite == 'stop':
-            raise tu.NonFiniteError(tu.nonfinite_message(step, terms, bad, ckpt_path, saved_step))
+            raise tu.NonFiniteError(tu.nonfinite_message(step + 1, terms, bad, x0, ckpt_path, saved_step))
         if bad and rank == 0:
-            tqdm.write(f'step {step}: non-finite {", ".join(bad)}; step skipped')
+            tqdm.write(f'step {step + 1}: non-finite {", ".join(bad)}; step skipped')
 
         # Optimizer step, EDM2's forced weight normalization (EDM2 Eq. 66), EMA.
         if not bad:
@@ -157,26 +157,23 @@ def main():
             if model_kwargs['arch'] == 'unet':
                 model.project_weights_(net)
             tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
-            n_win += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
+            tu.window_add(window, terms)
 
-        # Log, checkpoint, sample grid.
-        if (step % args.log_every == 0 or step == args.steps) and n_win:
-            elapsed = time.time() - t_last
-            rec = tu.log_record(log_path, dict(step=step, lr=lr, images_per_s=n_win * args.batch / elapsed,
-                                               sec_per_step=elapsed / n_win), sums, n_win, device, world)
+        # Log, sample grid, checkpoint (the grid first: a kill between them redoes both on resume).
+        if (step % args.log_every == 0 or step == args.steps) and window['n']:
+            rec = tu.log_record(log_path, step, lr, args.batch, window, device, world,
+                                reset=step % args.log_every == 0)
             bar.set_postfix(loss=f'{rec["loss"]:.4f}', ips=f'{rec["images_per_s"]:.0f}')
-            t_last, sums, n_win = time.time(), {}, 0
-        if step % args.ckpt_every == 0 or step == args.steps:
-            if rank == 0:
-                tu.save_checkpoint(ckpt_path, tu.checkpoint(step, 'sct', args, model_kwargs, dataset, net, ema,
-                                                            wnet, opt, scaler))
-            saved_step = step
         if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             F = lambda u, t: ema(u, t, grid_labels)                      # 1 step, and 2 steps through t = 1.1
             tu.save_grids(args.out, step, dataset, {'1step': tf.sample_consistency(F, grid_z),
                                                     '2step': tf.sample_consistency(F, grid_z, (tf.T_MAX, tf.T_MID))})
+        if step % args.ckpt_every == 0 or step == args.steps:
+            state = tu.checkpoint(step, 'sct', args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window,
+                                  device, world)
+            if rank == 0:
+                tu.save_checkpoint(ckpt_path, state)
+            saved_step = step
     bar.close()
     tu.report_weights(net, rank, world)
 

@@ -8,12 +8,19 @@ does; no RNG state needs saving. Checkpoints are written to a temporary file and
 """
 import argparse
 import contextlib
+import errno
+import fcntl
+import glob
 import hashlib
 import json
 import math
 import os
 import resource
+import shutil
+import socket
 import sys
+import time
+import warnings
 
 import numpy as np
 import torch
@@ -155,8 +162,13 @@ def run_config(args):
     return {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
 
 
-def open_run(args, method):
-    """The run folder and its checkpoint path; refuses to overwrite a run or to resume a missing one."""
+_LOCKS = []                                                         # open lock files, held until exit
+
+
+def open_run(args, method, rank=0):
+    """The run folder and its checkpoint path. Refuses to overwrite a run, to resume a missing one, and (rank 0) to
+    share the folder with another live process: an flock on <out>/.lock, released by the OS when its holder dies.
+    Holding it, rank 0 removes what dead writers left: temporary files, and a log without a checkpoint."""
     args.out = args.out or os.path.join('runs', f'{method}-{args.preset}')
     path = os.path.join(args.out, 'checkpoint.pt')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -165,6 +177,29 @@ def open_run(args, method):
         raise UserError(f'{args.out} already holds a run; pass --resume to continue it or --out for a new one')
     if args.resume and not os.path.exists(path):
         raise UserError(f'--resume: no checkpoint at {path}')
+    if rank != 0:
+        return path
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        lock = open(os.path.join(args.out, '.lock'), 'a+')
+    except OSError as e:
+        raise UserError(f'cannot write to --out {args.out}: {e.strerror}') from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise UserError(f'{args.out} is in use by another process ({lock.read().strip() or "pid unknown"}); '
+                        f'wait for it to end, or stop it, or pass another --out') from None
+    lock.truncate(0)
+    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    lock.flush()
+    _LOCKS.append(lock)
+    stale = glob.glob(glob.escape(path) + '.tmp*') + glob.glob(os.path.join(glob.escape(args.out), 'samples', '*.tmp'))
+    if not args.resume:
+        stale += [os.path.join(args.out, 'log.jsonl')]                  # a run killed before its first checkpoint
+    for f in stale:
+        if os.path.exists(f):
+            os.remove(f)
     return path
 
 
@@ -265,39 +300,67 @@ def data_stream(dataset, batch_gpu, rank, world, seed, start_micro, workers):
 
 
 def save_checkpoint(path, obj):
-    """Atomic: write a temporary file in the same folder, then rename it over the old checkpoint."""
+    """Atomic: write a temporary file in the same folder, then rename it over the old checkpoint. A failed write
+    removes its temporary file and says how much space the disk has left."""
     tmp = f'{path}.tmp{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, Exception):
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        full = getattr(e, 'errno', None) == errno.ENOSPC or free < 64 * 2 ** 20
+        raise UserError(f'cannot write {path}: ' + ('the disk is full' if full else f'{type(e).__name__}: {e}') +
+                        f' ({free / 2 ** 20:.0f} MB free); the previous checkpoint is intact') from None
+
+
+CKPT_KEYS = ('method', 'step', 'config', 'model_kwargs', 'net', 'ema')
 
 
 def load_checkpoint(path):
+    """A checkpoint of train_teacher.py, train_sct.py or train_scd.py; anything else gets one line."""
     if not os.path.isfile(path):
-        raise UserError(f'no checkpoint at {path}')
+        raise UserError(f'no checkpoint at {path}' + (' (a folder)' if os.path.isdir(path) else ''))
     try:
-        return torch.load(path, map_location='cpu', weights_only=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')                    # e.g. torch.load's warning on a TorchScript archive
+            ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise UserError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from None
+    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f'{path} is not a checkpoint of this project\'s training scripts (a {type(ckpt).__name__}'
+                        + (f' without {", ".join(missing)})' if isinstance(ckpt, dict) else ')'))
+    return ckpt
 
 
 def resume(path, method, config, net, ema, wnet, opt, scaler, log_path=None):
-    """Load a run's state in place and return its step; refuses a checkpoint of another method or configuration.
-    Drops the log records a killed run wrote after that step."""
+    """Load a run's state in place; returns (step, log window). Refuses a checkpoint of another method or
+    configuration. Drops the log records a killed run wrote after that step, and a torn last line."""
     ckpt = load_checkpoint(path)
-    theirs = ckpt.get('config', {})
+    theirs = ckpt['config']
     diff = sorted(k for k in set(config) | set(theirs) if config.get(k) != theirs.get(k))
-    if ckpt.get('method') != method or diff:
-        what = [f'method={ckpt.get("method")!r} there vs {method!r} here'] if ckpt.get('method') != method else []
+    if ckpt['method'] != method or diff:
+        what = [f'method={ckpt["method"]!r} there vs {method!r} here'] if ckpt['method'] != method else []
         what += [f'--{k.replace("_", "-")}={theirs.get(k)!r} there vs {config.get(k)!r} here' for k in diff]
         raise UserError(f'{path} was written by another configuration: ' + ', '.join(what))
     for module, key in ((net, 'net'), (ema, 'ema'), (wnet, 'wnet'), (opt, 'opt'), (scaler, 'scaler')):
         module.load_state_dict(ckpt[key])
     if log_path and os.path.exists(log_path):
+        keep = []
         with open(log_path) as f:
-            keep = [line for line in f if json.loads(line)['step'] <= ckpt['step']]
+            for line in f:
+                try:
+                    if json.loads(line)['step'] <= ckpt['step']:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass                                                 # torn by a kill mid-write
         with open(log_path, 'w') as f:
             f.writelines(keep)
-    return ckpt['step']
+    return ckpt['step'], new_window(**ckpt.get('log_window', {}))
 
 
 def load_teacher(path, kwargs):
@@ -324,13 +387,19 @@ def start_from(net, teacher):
         raise UserError(f'cannot start from the teacher: missing {missing}, unexpected {unexpected}')
 
 
-def checkpoint(step, method, args, model_kwargs, dataset, net, ema, wnet, opt, scaler):
-    """Everything a resume, sample.py and fid.py need."""
+def checkpoint(step, method, args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window, device, world):
+    """Everything a resume, sample.py and fid.py need; call it on every rank (the log window is averaged over them,
+    so that the first log record after a resume is the one an uninterrupted run writes)."""
+    if world > 1 and window['sums']:
+        vec = torch.tensor([float(v) for v in window['sums'].values()], device=device, dtype=torch.float64)
+        dist.all_reduce(vec)
+        window['sums'] = dict(zip(window['sums'], (vec / world).tolist()))
     return dict(method=method, step=step, config=run_config(args), model_kwargs=model_kwargs,
                 data=dict(name=dataset.name, shape=tuple(dataset.shape), is_latent=dataset.is_latent,
                           num_classes=dataset.num_classes),
                 net=net.state_dict(), ema=ema.state_dict(), wnet=wnet.state_dict(), opt=opt.state_dict(),
-                scaler=scaler.state_dict())
+                scaler=scaler.state_dict(),
+                log_window=dict(sums={k: float(v) for k, v in window['sums'].items()}, n=window['n']))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -407,24 +476,50 @@ def nonfinite(terms, device, world):
     return bad or (['(on another rank)'] if flag.item() else [])
 
 
-def nonfinite_message(step, terms, bad, ckpt_path, saved_step):
+def nonfinite_message(step, terms, bad, x0, ckpt_path, saved_step):
+    """One line for a stopped run: step counted as the log counts (the first step is 1), what was non-finite, the
+    likely cause, and where the last good state is."""
     names = ', '.join(f'{k}={float(terms[k]):.4g}' if k in terms else k for k in bad)
     last = (f'the last checkpoint, {ckpt_path}, is from step {saved_step}' if saved_step is not None
             else 'no checkpoint was written yet')
-    return f'step {step}: non-finite {names}; {last}. Lower --lr, use --precision fp32, or pass --on-nonfinite skip'
+    if not torch.isfinite(x0).all():
+        hint = 'the training data holds NaN or Inf values (this batch); clean the dataset'
+    elif 'dxdt_rms' in bad:
+        hint = "the teacher's velocity is non-finite; check the --teacher checkpoint"
+    else:
+        hint = 'lower --lr, use --precision fp32, or pass --on-nonfinite skip'
+    return f'step {step}: non-finite {names}; {hint}; {last}'
 
 
-def log_record(path, rec, sums, n, device, world):
-    """Average the window's sums over its n steps and over the ranks, add them to rec, append to log.jsonl."""
-    stats = {k: float(v) / n for k, v in sums.items()}
+def new_window(sums=None, n=0):
+    """The log's current window: sums of the terms over its n steps, and the time of the steps this process ran."""
+    return dict(sums=dict(sums or {}), n=n, timed=0, t0=time.time())
+
+
+def window_add(window, terms):
+    window['n'] += 1
+    window['timed'] += 1
+    for k, v in terms.items():
+        window['sums'][k] = window['sums'].get(k, 0.0) + v
+
+
+def log_record(path, step, lr, batch, window, device, world, reset=True):
+    """Average the window over its steps and the ranks, append it to log.jsonl (path None: not rank 0), reset it.
+    reset=False (the last step of a run that is not a log step): the window goes on, into the checkpoint, so that
+    a resumed run's next record is the one an uninterrupted run writes."""
+    stats = {k: float(v) / window['n'] for k, v in window['sums'].items()}
     if world > 1:
         vec = torch.tensor(list(stats.values()), device=device)
         dist.all_reduce(vec)
         stats = dict(zip(stats, (vec / world).tolist()))
-    rec = dict(rec, mem_gb=peak_mem_gb(device), **stats)
+    elapsed = time.time() - window['t0']
+    rec = dict(step=step, lr=lr, images_per_s=window['timed'] * batch / elapsed,
+               sec_per_step=elapsed / max(window['timed'], 1), mem_gb=peak_mem_gb(device), **stats)
     if path:
         with open(path, 'a') as f:
             f.write(json.dumps(rec) + '\n')
+    if reset:
+        window.update(new_window())
     return rec
 
 
