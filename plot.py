@@ -1,8 +1,9 @@
 """Figures for the README from what reproduce.sh wrote.
 
   python plot.py hero runs/repro-fashion-s/grids figures/hero.png     # teacher | sCD 1 step | sCD 2 steps
+  python plot.py curve runs/repro-fashion-s/curve.txt figures/repro/fid-vs-steps.png   # FID vs training step
 
-Imports pillow only.
+`hero` needs pillow only; `curve` needs matplotlib (optional: `pip install matplotlib`), used nowhere else.
 """
 import argparse
 import os
@@ -28,14 +29,51 @@ def hero(grids, out, panels=(('teacher-heun35', 'teacher, 35 NFE'), ('scd-1step'
     print(f'wrote {out}')
 
 
+NAMES = {'scd': 'sCD', 'sct': 'sCT', 'dscd1024': 'dsCD, N = 1024', 'dscd64': 'dsCD, N = 64'}
+
+
+def curve(path, out):
+    """FID vs consistency-training step from reproduce.sh's curve.txt ("<method> <step> <NFE> <FID>"): one line per
+    method and sampler (solid: 2 steps, dashed: 1 step), the teacher's FID (35 NFE) as a horizontal line."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit('error: plot.py curve needs matplotlib (pip install matplotlib)') from None
+    rows = [line.split() for line in open(path) if line.strip()]
+    teacher = [float(r[3]) for r in rows if r[0] == 'teacher']
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (method, label) in enumerate(NAMES.items()):
+        for nfe, style in (('2', '-'), ('1', '--')):
+            pts = sorted((int(r[1]), float(r[3])) for r in rows if r[0] == method and r[2] == nfe)
+            if pts:
+                ax.plot(*zip(*pts), style, marker='o', ms=3, color=f'C{i}', label=f'{label}, {nfe} step' + 's' * (nfe == '2'))
+    if teacher:
+        ax.axhline(teacher[-1], color='k', lw=1, label='teacher, Heun 35 NFE')
+        ax.axhline(1.1 * teacher[-1], color='k', lw=0.6, ls=':', label='teacher x 1.10')
+    ax.set_xlabel('consistency training step (batch 128)')
+    ax.set_ylabel('FID')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = out + '.tmp.png'
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, out)
+    print(f'wrote {out}')
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='command', required=True)
     s = sub.add_parser('hero', help='teacher | sCD 1 step | sCD 2 steps from the grids of reproduce.sh')
     s.add_argument('grids', help='folder holding teacher-heun35.png, scd-1step.png, scd-2step.png')
     s.add_argument('out', help='the PNG to write')
+    s = sub.add_parser('curve', help='FID vs training step from curve.txt (needs matplotlib)')
+    s.add_argument('curve', help="reproduce.sh's curve.txt")
+    s.add_argument('out', help='the PNG to write')
     args = p.parse_args()
-    hero(args.grids, args.out)
+    hero(args.grids, args.out) if args.command == 'hero' else curve(args.curve, args.out)
 
 
 if __name__ == '__main__':

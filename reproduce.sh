@@ -1,64 +1,92 @@
 #!/usr/bin/env bash
-# The image reproduction on Fashion-MNIST: a TrigFlow teacher, then sCD, sCT and the discrete-time dsCD baseline
-# (N = 1024, the best grid of sCM App. E / Fig. 5c) at the same step budget, then FID of every sampler with the same
-# number of samples against the same reference statistics. Every stage resumes where it stopped, so run it again
-# after an interruption; a finished stage is skipped.
+# The Fashion-MNIST reproduction: a TrigFlow teacher trained to its full preset, then sCD, sCT and the discrete-time
+# dsCD baseline on a fine (N = 1024) and a coarse (N = 64) grid (sCM App. E, Fig. 5c), all with the same step budget,
+# with FID of 1- and 2-step samples at regular checkpoints (the curve) and a final table. Every stage resumes where it
+# stopped and a finished stage is skipped, so run it again after an interruption, in as many sittings as it takes.
 #
-#   bash reproduce.sh                        # PRESET=fashion-s NUM=2000: a few CPU hours on 2 cores
-#   PRESET=fashion NUM=10000 bash reproduce.sh # the larger CPU preset; minutes per stage on a GPU
-#   TEACHER_STEPS=1500 CM_STEPS=600 bash reproduce.sh   # shorter runs than the preset's (the README's table)
+#   bash reproduce.sh                        # PRESET=fashion-s: ~12 CPU hours on 2 cores (README)
+#   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, plot)
+#   CM_STEPS=600 EVERY=300 CURVE_NUM=200 bash reproduce.sh   # a quick smoke run of every stage
 #
-# Writes runs/repro-$PRESET/{teacher,scd,sct,dscd}/ (checkpoints, logs, grids), grids/*.png and fid.txt, one line per
-# row: "<row> <NFE> <FID>". Datasets come from $SCM_DATA (or are downloaded to ~/.cache/scm and checked).
+# Writes runs/repro-$PRESET/: {teacher,scd,sct,dscd1024,dscd64}/ (checkpoints, logs, grids), ref-train-$NUM.npz,
+# curve.txt ("<method> <step> <NFE> <FID with CURVE_NUM samples>"), fid.txt ("<row> <NFE> <FID with NUM samples>"),
+# grids/*.png; then figures/repro/fid-vs-steps.png (needs matplotlib) and the table it prints.
+# Datasets come from $SCM_DATA (or are downloaded to ~/.cache/scm and checked).
 set -euo pipefail
 cd "$(dirname "$0")"
 PRESET=${PRESET:-fashion-s}
-NUM=${NUM:-2000}
-PY=${PY:-python}
+NUM=${NUM:-2000}                     # samples per FID of the final table (and reference images)
+CURVE_NUM=${CURVE_NUM:-500}          # samples per FID of the curve (noisier: the table states by how much)
+CM_STEPS=${CM_STEPS:-3000}           # sCD, sCT and both dsCD train this many steps (the same budget)
+EVERY=${EVERY:-500}                  # a curve point every EVERY steps
 TEACHER_STEPS=${TEACHER_STEPS:-}     # empty: the preset's step count
-CM_STEPS=${CM_STEPS:-}               # sCD, sCT and dsCD all train this many steps (the same budget)
+STAGES=${STAGES:-teacher scd sct dscd1024 dscd64 table plot}
+PY=${PY:-python}
 R=runs/repro-$PRESET
+T=$R/teacher/checkpoint.pt
+REF=$R/ref-train-$NUM.npz            # the reference: the first NUM training images
 mkdir -p "$R/grids"
 
-train() {  # train <script> <out> [flags...]: start, or resume an unfinished run
-    local script=$1 out=$2; shift 2
-    if [ -f "$out/checkpoint.pt" ]; then
-        $PY "$script" --preset "$PRESET" --out "$out" --resume "$@"
-    else
-        $PY "$script" --preset "$PRESET" --out "$out" "$@"
-    fi
+has() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
+step_of() { [ -f "$1" ] && $PY -c "import torch,sys; print(torch.load(sys.argv[1],weights_only=False)['step'])" "$1" || echo 0; }
+
+train() {  # train <script> <out> <steps> [flags...]: start, or resume up to <steps>
+    local script=$1 out=$2 steps=$3; shift 3
+    [ "$(step_of "$out/checkpoint.pt")" -ge "$steps" ] && return 0
+    local resume=""; [ -f "$out/checkpoint.pt" ] && resume=--resume
+    $PY "$script" --preset "$PRESET" --out "$out" --steps "$steps" --sample-every "$EVERY" $resume "$@"
 }
 
-train train_teacher.py "$R/teacher" ${TEACHER_STEPS:+--steps "$TEACHER_STEPS"}
-T="$R/teacher/checkpoint.pt"
-train train_scd.py "$R/scd" --teacher "$T" ${CM_STEPS:+--steps "$CM_STEPS"}
-train train_sct.py "$R/sct" --teacher "$T" ${CM_STEPS:+--steps "$CM_STEPS"}
-train train_scd.py "$R/dscd" --teacher "$T" --discrete 1024 ${CM_STEPS:+--steps "$CM_STEPS"}
+fid_of() {  # fid_of <checkpoint> <num> [sampler flags...] -> prints the FID
+    local ckpt=$1 num=$2; shift 2
+    $PY fid.py checkpoint "$ckpt" --ref "$REF" -n "$num" "$@" | tail -1
+}
 
-REF="$R/ref-train-$NUM.npz"          # the reference: the first NUM training images
+if has teacher; then
+    train train_teacher.py "$R/teacher" "${TEACHER_STEPS:-$($PY -c "import train_teacher as t; print(t.PRESETS['$PRESET']['steps'])")}"
+fi
 [ -f "$REF" ] || $PY fid.py stats fashion-mnist --split train -n "$NUM" --out "$REF"
+grep -q "^teacher " "$R/curve.txt" 2>/dev/null || \
+    echo "teacher $(step_of "$T") 35 $(fid_of "$T" "$CURVE_NUM" --heun-steps 18)" >> "$R/curve.txt"   # the curve's line
 
-row() {  # row <name> <NFE> <checkpoint> [sampler flags...]
-    local name=$1 nfe=$2 ckpt=$3; shift 3
-    if ! grep -q "^$name " "$R/fid.txt" 2>/dev/null; then
-        local fid
-        fid=$($PY fid.py checkpoint "$ckpt" --ref "$REF" -n "$NUM" "$@" | tail -1 | awk '{print $NF}')
-        echo "$name $nfe $fid" >> "$R/fid.txt"
-    fi
-    $PY sample.py "$ckpt" --grid "$R/grids/$name.png" -n 64 "$@" > /dev/null
+cm() {  # cm <name> <script> [flags...]: train in chunks of EVERY steps; after each, two curve points
+    local name=$1 script=$2; shift 2
+    local s=$EVERY
+    while [ "$s" -le "$CM_STEPS" ]; do
+        train "$script" "$R/$name" "$s" --teacher "$T" "$@"
+        for k in 1 2; do
+            if ! grep -q "^$name $s $k " "$R/curve.txt" 2>/dev/null; then
+                echo "$name $s $k $(fid_of "$R/$name/checkpoint.pt" "$CURVE_NUM" --steps $k)" >> "$R/curve.txt"
+            fi
+        done
+        s=$((s + EVERY))
+    done
 }
+has scd && cm scd train_scd.py
+has sct && cm sct train_sct.py
+has dscd1024 && cm dscd1024 train_scd.py --discrete 1024
+has dscd64 && cm dscd64 train_scd.py --discrete 64
 
-row teacher-heun35 35 "$T" --sampler heun --heun-steps 18
-row scd-1step 1 "$R/scd/checkpoint.pt" --steps 1
-row scd-2step 2 "$R/scd/checkpoint.pt" --steps 2
-row sct-1step 1 "$R/sct/checkpoint.pt" --steps 1
-row sct-2step 2 "$R/sct/checkpoint.pt" --steps 2
-row dscd-1step 1 "$R/dscd/checkpoint.pt" --steps 1
-row dscd-2step 2 "$R/dscd/checkpoint.pt" --steps 2
-
-echo "FID against the first $NUM Fashion-MNIST training images, $NUM samples each ($PRESET):"
-column -t "$R/fid.txt"
-awk '$1 == "teacher-heun35" {t = $3} $1 == "scd-2step" {s = $3} $1 == "sct-2step" {c = $3}
-     $1 == "dscd-2step" {d = $3}
-     END {printf "FID(sCD 2-step)/FID(teacher) = %.3f (goal <= 1.10); FID(sCT 2-step)/FID(teacher) = %.3f (goal <= 1.15)\n", s / t, c / t
-          printf "FID(sCD 2-step) - FID(dsCD 2-step) = %.2f (goal < 0)\n", s - d}' "$R/fid.txt"
+row() {  # row <name> <NFE> <checkpoint> [sampler flags...]: one line of the final table, and its grid
+    local name=$1 nfe=$2 ckpt=$3; shift 3
+    grep -q "^$name " "$R/fid.txt" 2>/dev/null || echo "$name $nfe $(fid_of "$ckpt" "$NUM" "$@")" >> "$R/fid.txt"
+    [ -f "$R/grids/$name.png" ] || $PY sample.py "$ckpt" --grid "$R/grids/$name.png" -n 64 "$@" > /dev/null
+}
+if has table; then
+    row teacher-heun35 35 "$T" --heun-steps 18
+    grep -q "^teacher-heun35-seed1 " "$R/fid.txt" 2>/dev/null || \
+        echo "teacher-heun35-seed1 35 $(fid_of "$T" "$NUM" --heun-steps 18 --seed 1)" >> "$R/fid.txt"   # the noise
+    for m in scd sct dscd1024 dscd64; do
+        row "$m-1step" 1 "$R/$m/checkpoint.pt" --steps 1
+        row "$m-2step" 2 "$R/$m/checkpoint.pt" --steps 2
+    done
+    echo "FID against the first $NUM Fashion-MNIST training images, $NUM samples each ($PRESET, $CM_STEPS CM steps):"
+    column -t "$R/fid.txt"
+    awk '{f[$1] = $3} END {t = f["teacher-heun35"]
+         printf "FID(sCD 2-step)/FID(teacher) = %.3f (goal <= 1.10); FID(sCT 2-step)/FID(teacher) = %.3f (goal <= 1.15)\n", f["scd-2step"] / t, f["sct-2step"] / t
+         printf "FID(sCD 2-step) - FID(dsCD 2-step): N = 1024 %.2f, N = 64 %.2f (goal < 0); teacher seed 0 vs 1: %.2f\n", f["scd-2step"] - f["dscd1024-2step"], f["scd-2step"] - f["dscd64-2step"], f["teacher-heun35"] - f["teacher-heun35-seed1"]}' "$R/fid.txt"
+fi
+if has plot; then
+    $PY plot.py hero "$R/grids" figures/hero.png
+    $PY plot.py curve "$R/curve.txt" figures/repro/fid-vs-steps.png
+fi
