@@ -632,6 +632,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--model', 'tiny', '--batch', '8', '--log-every', '2', '--ckpt-every', '3', '--sample-every', '0',
@@ -766,6 +767,36 @@ def test_nonfinite_loss_stops_and_names_the_term(tmp_path):
     p = run_script('train_teacher.py', *common, '--out', tmp_path / 'run2', '--on-nonfinite', 'skip', '--ckpt-every', 3)
     assert 'step 1: non-finite loss' in p.stdout and 'step skipped' in p.stdout, p.stdout[-2000:]
     assert _ckpt(tmp_path / 'run2' / 'checkpoint.pt')['step'] == 3          # the skipped last step still saves
+
+
+@pytest.mark.parametrize('nproc', [1, 2])
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(image_folder, tmp_path, nproc):
+    """Preemption: SIGTERM (to the process, or to torchrun, which passes it on) ends the step on every rank, writes
+    a checkpoint and exits (code 4); --resume then matches an uninterrupted run bit for bit."""
+    import signal
+    common = ['--preset', 'fashion-s', '--data', image_folder, *TINY[:-2], '--label-dropout', 0, '--dropout', 0.2]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
+        if nproc > 1 else [sys.executable]
+    proc = subprocess.Popen(launch + [os.path.join(ROOT, 'train_teacher.py'), *map(str, common), '--steps', '5000',
+                                      '--out', str(tmp_path / 'a')], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(1200):
+        if os.path.exists(tmp_path / 'a' / 'log.jsonl'):                  # inside the loop
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert err.count('interrupted: SIGTERM after step') == nproc, err[-2000:]
+    if nproc == 1:
+        assert proc.returncode == 4 and err.strip().splitlines()[-1].startswith('interrupted:'), err[-2000:]
+    k = _ckpt(tmp_path / 'a' / 'checkpoint.pt')['step']
+    assert 2 <= k < 5000 and f'after step {k};' in err
+    run_script('train_teacher.py', *common, '--out', tmp_path / 'a', '--steps', k + 3, '--resume', nproc=nproc)
+    run_script('train_teacher.py', *common, '--out', tmp_path / 'b', '--steps', k + 3, nproc=nproc)
+    a, b = _ckpt(tmp_path / 'a' / 'checkpoint.pt'), _ckpt(tmp_path / 'b' / 'checkpoint.pt')
+    for key in ('net', 'ema', 'wnet'):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
 
 
 def test_one_writer_per_run_and_no_litter(image_folder, tmp_path):

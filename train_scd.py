@@ -79,6 +79,7 @@ def main():
     tu.add_cm_args(p)
     p.add_argument('--s-max', type=float, dest='s_max', help='CFG scales s ~ U[1, s_max] (1 = no guidance)')
     args = tu.parse_args(p, PRESETS)
+    tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process.
     if 'RANK' in os.environ:
@@ -147,11 +148,12 @@ def main():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
 
         # Non-finite check: stop naming the term, or skip the step (fp16: the GradScaler skips and backs off).
+        # All ranks also agree here whether a stop signal came.
         scaler.unscale_(opt)
         terms['grad_norm'] = tu.grad_norm(opt)
         if args.precision == 'fp16' and not torch.isfinite(terms['grad_norm']):
             del terms['grad_norm']
-        bad = tu.nonfinite(terms, device, world)
+        bad, stop = tu.check_step(terms, device, world)
         if bad and args.on_nonfinite == 'stop':
             raise tu.NonFiniteError(tu.nonfinite_message(step + 1, terms, bad, x0, ckpt_path, saved_step))
         if bad and rank == 0:
@@ -179,12 +181,14 @@ def main():
             F = lambda u, t: ema(u, t, grid_labels, s)                   # 1 step, and 2 steps through t = 1.1
             tu.save_grids(args.out, step, dataset, {'1step': tf.sample_consistency(F, grid_z),
                                                     '2step': tf.sample_consistency(F, grid_z, (tf.T_MAX, tf.T_MID))})
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if step % args.ckpt_every == 0 or step == args.steps or stop:
             state = tu.checkpoint(step, 'scd', args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window,
                                   device, world)
             if rank == 0:
                 tu.save_checkpoint(ckpt_path, state)
             saved_step = step
+        if stop:
+            raise tu.interrupted(step, ckpt_path)
     bar.close()
     tu.report_weights(net, rank, world)
 

@@ -17,6 +17,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -40,8 +41,13 @@ class NonFiniteError(Exception):
     """A NaN or Inf in the loss, one of its terms or the gradient (exit code 3)."""
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT: the run finished its step and wrote a checkpoint (exit code 4)."""
+
+
 def main_guard(main):
-    """Run main(); print user errors as one `error:` line and exit 2; a stopped non-finite run exits 3."""
+    """Run main(); print user errors as one `error:` line and exit 2; a stopped non-finite run exits 3, a run stopped
+    by a signal 4, a program interrupted outside a training loop 130."""
     try:
         main()
         if dist.is_initialized():
@@ -54,6 +60,14 @@ def main_guard(main):
         _close_bars()
         print(f'stopped: {e}', file=sys.stderr)
         sys.exit(3)
+    except Interrupted as e:
+        _close_bars()
+        print(f'interrupted: {e}', file=sys.stderr)
+        sys.exit(4)
+    except KeyboardInterrupt:
+        _close_bars()
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -467,13 +481,34 @@ def grad_norm(opt):
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def nonfinite(terms, device, world):
-    """Names of the terms that hold a NaN or Inf, or ['(on another rank)']: the same answer on every rank."""
+_SIGNAL = []                                                        # the stop signals received
+
+
+def stop_on_signals():
+    """Preemption (SLURM and torchrun send SIGTERM before a kill) and Ctrl-C: note the signal; the loop finishes its
+    step, writes a checkpoint and exits with code 4. A second signal kills at once."""
+    def note(signum, frame):
+        if _SIGNAL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        _SIGNAL.append(signal.Signals(signum).name)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, note)
+
+
+def check_step(terms, device, world):
+    """(names of the terms that hold a NaN or Inf, whether to stop for a signal), the same on every rank: one
+    all-reduce agrees on both, so that no rank waits for one that has stopped."""
     bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
-    flag = torch.tensor([float(bool(bad))], device=device)
+    flags = torch.tensor([float(bool(bad)), float(bool(_SIGNAL))], device=device)
     if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bad or (['(on another rank)'] if flag.item() else [])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bad or (['(on another rank)'] if flags[0].item() else []), bool(flags[1].item())
+
+
+def interrupted(step, ckpt_path):
+    return Interrupted(f'{", ".join(_SIGNAL) or "a signal on another rank"} after step {step}; the checkpoint '
+                       f'{ckpt_path} holds it: pass --resume to continue exactly')
 
 
 def nonfinite_message(step, terms, bad, x0, ckpt_path, saved_step):
