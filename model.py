@@ -242,7 +242,8 @@ class Block(nn.Module):
                 x = self.conv_skip(x)
             x = normalize(x, dim=1)                                             # pixel norm
         y = self.conv_res0(mp_silu(x))
-        scale = pnorm(self.emb_linear(emb, gain=self.emb_gain) + 1)            # ADN: pnorm(s(t)), [B, C]
+        with torch.autocast(x.device.type, enabled=False):                     # the modulation in fp32 (EDM2)
+            scale = pnorm(self.emb_linear(emb, gain=self.emb_gain) + 1)        # ADN: pnorm(s(t)), [B, C]
         y = mp_silu(normalize(y, dim=1) * scale[:, :, None, None].to(y.dtype))  # ADN: norm(x) * pnorm(s(t))
         y = nnf.dropout(y, p=self.dropout, training=self.training)
         y = self.conv_res1(y)
@@ -327,15 +328,17 @@ class UNet(nn.Module):
         self.out_conv = MPConv(cout, img_channels, (3, 3))
 
     def forward(self, u, t, labels=None, s=None):
-        emb = self.emb_noise(self.emb_time(t))                                 # c_noise(t) = t, §4.1
-        if self.emb_label is not None:
-            labels = torch.full_like(t, -1, dtype=torch.long) if labels is None else labels
-            y = one_hot(labels, self.label_dim).to(emb.dtype) * math.sqrt(self.label_dim)
-            emb = mp_sum(emb, self.emb_label(y), t=self.label_balance)
-        if self.emb_cfg is not None:
-            s = torch.ones_like(t) if s is None else s
-            emb = emb + self.emb_cfg(self.emb_cfg_pos(s), gain=self.cfg_gain)
-        emb = mp_silu(emb)
+        with torch.autocast(u.device.type, enabled=False):                     # the embedding path in fp32 (EDM2)
+            t = t.to(_wide(t.dtype))
+            emb = self.emb_noise(self.emb_time(t))                             # c_noise(t) = t, §4.1
+            if self.emb_label is not None:
+                labels = torch.full_like(t, -1, dtype=torch.long) if labels is None else labels
+                y = one_hot(labels, self.label_dim).to(emb.dtype) * math.sqrt(self.label_dim)
+                emb = mp_sum(emb, self.emb_label(y), t=self.label_balance)
+            if self.emb_cfg is not None:
+                s = torch.ones_like(t) if s is None else s.to(t.dtype)
+                emb = emb + self.emb_cfg(self.emb_cfg_pos(s), gain=self.cfg_gain)
+            emb = mp_silu(emb)
         x = torch.cat([u, torch.ones_like(u[:, :1])], dim=1)
         skips = []
         for name, blk in self.enc.items():
@@ -386,7 +389,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         B, L, C = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(nnf.silu(c)).chunk(6, dim=1)
+        with torch.autocast(x.device.type, enabled=False):                     # the modulation in fp32 (EDM2)
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(nnf.silu(c)).chunk(6, dim=1)
         h = self.qkv(adn(self.norm1(x), shift1, scale1)).reshape(B, L, 3, self.heads, C // self.heads)
         q, k, v = h.permute(2, 0, 3, 1, 4).unbind(0)                           # each [B, heads, L, C/heads]
         h = attention(q, k, v).transpose(1, 2).reshape(B, L, C)
@@ -428,15 +432,18 @@ class DiT(nn.Module):
     def forward(self, u, t, labels=None, s=None):
         B, C, H, W = u.shape
         x = self.patch(u).flatten(2).transpose(1, 2) + self.pos.to(u.dtype)    # [B, L, hidden]
-        c = self.time_mlp(self.emb_time(t))
-        if self.emb_label is not None:
-            labels = torch.full_like(t, -1, dtype=torch.long) if labels is None else labels
-            c = c + self.emb_label(torch.where(labels < 0, self.label_dim, labels))
-        if self.emb_cfg is not None:
-            c = c + self.emb_cfg(self.emb_cfg_pos(torch.ones_like(t) if s is None else s))
+        with torch.autocast(u.device.type, enabled=False):                     # the embedding path in fp32 (EDM2)
+            t = t.to(_wide(t.dtype))
+            c = self.time_mlp(self.emb_time(t))
+            if self.emb_label is not None:
+                labels = torch.full_like(t, -1, dtype=torch.long) if labels is None else labels
+                c = c + self.emb_label(torch.where(labels < 0, self.label_dim, labels)).to(c.dtype)
+            if self.emb_cfg is not None:
+                c = c + self.emb_cfg(self.emb_cfg_pos(torch.ones_like(t) if s is None else s.to(t.dtype)))
         for blk in self.blocks:
             x = blk(x, c)
-        shift, scale = self.modulation_out(nnf.silu(c)).chunk(2, dim=1)
+        with torch.autocast(u.device.type, enabled=False):
+            shift, scale = self.modulation_out(nnf.silu(c)).chunk(2, dim=1)
         x = self.out(adn(self.norm_out(x), shift, scale))                       # [B, L, p*p*C]
         x = x.reshape(B, self.grid, self.grid, self.p, self.p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, H, W)

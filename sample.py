@@ -70,7 +70,15 @@ def load_net(path, raw=False, device='cpu'):
 
 
 def check_args(args, ckpt):
-    """One line for every sampler setting that would give wrong images without failing."""
+    """Fill --heun-steps and --cfg from the run's preset (train_util.sampling_defaults), then one line for every
+    sampler setting that would give wrong images without failing."""
+    defaults = ckpt.get('sampling', {})
+    if args.heun_steps is None:
+        args.heun_steps = defaults.get('heun_steps', 18)
+    if args.cfg is None:
+        cfg = defaults.get('cfg', 1.0)                             # a guided student's: (1 step, 2 steps)
+        args.cfg = cfg[0 if args.steps == 1 and not (args.ts and len(args.ts) > 1) else 1] \
+            if isinstance(cfg, (list, tuple)) else cfg
     classes = ckpt['model_kwargs'].get('label_dim', 0)
     if args.num < 1 or args.batch < 1:
         raise tu.UserError('-n/--num and --batch must be at least 1')
@@ -127,8 +135,10 @@ def add_sampler_args(p, batch=True):
     p.add_argument('--ts', type=float, nargs='+', help='any list of descending TrigFlow times (overrides --steps)')
     p.add_argument('--sampler', choices=['consistency', 'heun'],
                    help='consistency (sCD/sCT; default) or heun: the ODE sampler (a teacher\'s only one)')
-    p.add_argument('--heun-steps', type=int, default=18, help='Heun steps: 18 = 35 NFE, 32 = 63 NFE')
-    p.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale (1 = none)')
+    p.add_argument('--heun-steps', type=int, help="Heun steps, 2N - 1 NFE (default: the run's preset: 32 on ImageNet, "
+                   "else 18)")
+    p.add_argument('--cfg', type=float, help="classifier-free guidance scale, 1 = none (default: the run's preset: "
+                   "Table 6's for FID on ImageNet 512, else 1)")
     p.add_argument('--label', type=int, default=None, help='class of every image (default: image index mod classes)')
     p.add_argument('--seed', type=int, default=0, help='image i gets the noise of seed (--seed, i)')
     if batch:

@@ -24,26 +24,27 @@ import trigflow as tf
 
 _cm = tu.cm_preset
 PRESETS = {
-    # ImageNet 512 latents: sCM Table 5, sCD rows (200k iterations, dropout 0%/10%, max CFG scale 2.0, P (-0.8, 1.6))
-    's':   _cm('s',   None, 1.0e-4, 200_000, 0.0, (-0.8, 1.6), 70_000, s_max=2.0),
-    'm':   _cm('m',   None, 9.0e-5, 200_000, 0.1, (-0.8, 1.6), 70_000, s_max=2.0),
-    'l':   _cm('l',   None, 8.0e-5, 200_000, 0.1, (-0.8, 1.6), 70_000, s_max=2.0),
-    'xl':  _cm('xl',  None, 7.0e-5, 200_000, 0.1, (-0.8, 1.6), 70_000, s_max=2.0),
-    'xxl': _cm('xxl', None, 6.5e-5, 200_000, 0.1, (-0.8, 1.6), 70_000, s_max=2.0),
+    # ImageNet 512 latents: sCM Table 5, sCD rows (200k iterations, dropout 0%/10%, max CFG scale 2.0, P (-0.8, 1.6));
+    # guidance for FID with 1 and 2 steps from Table 6
+    's':   _cm('s',   None, 1.0e-4, 200_000, 0.0, (-0.8, 1.6), 70_000, s_max=2.0, sample_cfg=(1.5, 1.4)),
+    'm':   _cm('m',   None, 9.0e-5, 200_000, 0.1, (-0.8, 1.6), 70_000, s_max=2.0, sample_cfg=(1.3, 1.2)),
+    'l':   _cm('l',   None, 8.0e-5, 200_000, 0.1, (-0.8, 1.6), 70_000, s_max=2.0, sample_cfg=(1.3, 1.2)),
+    'xl':  _cm('xl',  None, 7.0e-5, 200_000, 0.1, (-0.8, 1.6), 70_000, s_max=2.0, sample_cfg=(1.3, 1.2)),
+    'xxl': _cm('xxl', None, 6.5e-5, 200_000, 0.1, (-0.8, 1.6), 70_000, s_max=2.0, sample_cfg=(1.3, 1.2)),
     # ImageNet 64 pixels: sCM Table 4, sCD rows (400k iterations, dropout 0, P (-1.0, 1.6), no guidance)
-    'img64-s':  _cm('img64-s',  None, 1.0e-4, 400_000, 0.0, (-1.0, 1.6), 35_000, s_max=1.0),
-    'img64-m':  _cm('img64-m',  None, 9.0e-5, 400_000, 0.0, (-1.0, 1.6), 35_000, s_max=1.0),
-    'img64-l':  _cm('img64-l',  None, 8.0e-5, 400_000, 0.0, (-1.0, 1.6), 35_000, s_max=1.0),
-    'img64-xl': _cm('img64-xl', None, 7.0e-5, 400_000, 0.0, (-1.0, 1.6), 35_000, s_max=1.0),
+    'img64-s':  _cm('img64-s',  None, 1.0e-4, 400_000, 0.0, (-1.0, 1.6), 35_000, s_max=1.0, sample_cfg=(1.0, 1.0)),
+    'img64-m':  _cm('img64-m',  None, 9.0e-5, 400_000, 0.0, (-1.0, 1.6), 35_000, s_max=1.0, sample_cfg=(1.0, 1.0)),
+    'img64-l':  _cm('img64-l',  None, 8.0e-5, 400_000, 0.0, (-1.0, 1.6), 35_000, s_max=1.0, sample_cfg=(1.0, 1.0)),
+    'img64-xl': _cm('img64-xl', None, 7.0e-5, 400_000, 0.0, (-1.0, 1.6), 35_000, s_max=1.0, sample_cfg=(1.0, 1.0)),
     # CIFAR-10: sCM App. G: RAdam lr 1e-4 (0.9, 0.99), 1e-8, no schedule, batch 512, P (-1.0, 1.4), dropout 0,
     # EMA half-life 0.5 Mimg, fp32 (UNCONFIRMED); the iteration count is not stated (UNCONFIRMED: 400k)
     'cifar10': _cm('cifar10', 'cifar10', 1e-4, 400_000, 0.0, (-1.0, 1.4), 0, batch=512, optimizer='radam',
-                   eps=1e-8, ema_std=0.0, ema_halflife_mimg=0.5, precision='fp32', s_max=1.0),
+                   eps=1e-8, ema_std=0.0, ema_halflife_mimg=0.5, precision='fp32', s_max=1.0, sample_cfg=(1.0, 1.0)),
     # CPU presets for Fashion-MNIST (not paper configurations): lr 1e-3 and warmup 200 for runs of a few hundred steps
     'fashion':   _cm('fashion',   'fashion-mnist', 1e-3, 2_000, 0.0, (-1.0, 1.6), 0, batch=128, eps=1e-8,
-                     precision='fp32', warmup_steps=200, s_max=2.0),
+                     precision='fp32', warmup_steps=200, s_max=2.0, sample_cfg=(1.0, 1.0)),
     'fashion-s': _cm('fashion-s', 'fashion-mnist', 1e-3, 600, 0.0, (-1.0, 1.6), 0, batch=128, eps=1e-8,
-                     precision='fp32', warmup_steps=200, s_max=2.0),
+                     precision='fp32', warmup_steps=200, s_max=2.0, sample_cfg=(1.0, 1.0)),
 }
 
 
@@ -78,6 +79,8 @@ def main():
     tu.add_common_args(p)
     tu.add_cm_args(p)
     p.add_argument('--s-max', type=float, dest='s_max', help='CFG scales s ~ U[1, s_max] (1 = no guidance)')
+    p.add_argument('--sample-cfg', type=float, nargs=2, help='guidance scale with 1 and 2 steps, for the grids and '
+                   'sample.py')
     args = tu.parse_args(p, PRESETS)
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
@@ -177,10 +180,10 @@ def main():
                                 reset=step % args.log_every == 0)
             bar.set_postfix(loss=f'{rec["loss"]:.4f}', ips=f'{rec["images_per_s"]:.0f}')
         if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            s = torch.full((len(grid_z),), args.sample_cfg, device=device) if args.s_max > 1 else None
-            F = lambda u, t: ema(u, t, grid_labels, s)                   # 1 step, and 2 steps through t = 1.1
-            tu.save_grids(args.out, step, dataset, {'1step': tf.sample_consistency(F, grid_z),
-                                                    '2step': tf.sample_consistency(F, grid_z, (tf.T_MAX, tf.T_MID))})
+            F = [lambda u, t, s=s: ema(u, t, grid_labels, torch.full_like(t, s) if args.s_max > 1 else None)
+                 for s in args.sample_cfg]                               # the guidance scale for 1 and for 2 steps
+            tu.save_grids(args.out, step, dataset, {'1step': tf.sample_consistency(F[0], grid_z),
+                                                    '2step': tf.sample_consistency(F[1], grid_z, (tf.T_MAX, tf.T_MID))})
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             state = tu.checkpoint(step, 'scd', args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window,
                                   device, world)

@@ -22,21 +22,23 @@ import train_util as tu
 import trigflow as tf
 
 
-def _imagenet(model, lr, steps, dropout, ema_std, P, t_ref, label_dropout):
+def _imagenet(model, lr, steps, dropout, ema_std, P, t_ref, label_dropout, cfg=1.0):
     # EDM2 config G as sCM uses it: Adam (0.9, 0.99, 1e-11), lr alpha_ref / sqrt(max(k / t_ref, 1)) after a 10 Mimg
-    # rampup, batch 2048, fp16 network body.
+    # rampup, batch 2048, fp16 network body. Sampling: Heun with 32 steps (63 NFE), Table 6's guidance for FID.
     return dict(model=model, data=None, batch=2048, steps=steps, lr=lr, lr_decay_steps=t_ref, lr_rampup_mimg=10.0,
                 optimizer='adam', betas=(0.9, 0.99), eps=1e-11, ema_std=ema_std, ema_halflife_mimg=0.0,
-                dropout=dropout, P_mean=P[0], P_std=P[1], precision='fp16', label_dropout=label_dropout)
+                dropout=dropout, P_mean=P[0], P_std=P[1], precision='fp16', label_dropout=label_dropout,
+                sample_heun_steps=32, sample_cfg=cfg)
 
 
 PRESETS = {
-    # ImageNet 512x512, SD-VAE latents: sCM Table 5, diffusion rows (lr, iterations, dropout, P, teacher EMA sigma_rel)
-    's':   _imagenet('s',   1.0e-2, 1_048_000, 0.0, 0.025, (-0.4, 1.0), 70_000, 0.1),
-    'm':   _imagenet('m',   9.0e-3, 1_048_000, 0.1, 0.030, (-0.4, 1.0), 70_000, 0.1),
-    'l':   _imagenet('l',   8.0e-3,   696_000, 0.1, 0.015, (-0.4, 1.0), 70_000, 0.1),
-    'xl':  _imagenet('xl',  7.0e-3,   598_000, 0.1, 0.020, (-0.4, 1.0), 70_000, 0.1),
-    'xxl': _imagenet('xxl', 6.5e-3,   376_000, 0.1, 0.015, (-0.4, 1.0), 70_000, 0.1),
+    # ImageNet 512x512, SD-VAE latents: sCM Table 5, diffusion rows (lr, iterations, dropout, P, teacher EMA sigma_rel);
+    # guidance for FID from Table 6
+    's':   _imagenet('s',   1.0e-2, 1_048_000, 0.0, 0.025, (-0.4, 1.0), 70_000, 0.1, cfg=1.4),
+    'm':   _imagenet('m',   9.0e-3, 1_048_000, 0.1, 0.030, (-0.4, 1.0), 70_000, 0.1, cfg=1.2),
+    'l':   _imagenet('l',   8.0e-3,   696_000, 0.1, 0.015, (-0.4, 1.0), 70_000, 0.1, cfg=1.2),
+    'xl':  _imagenet('xl',  7.0e-3,   598_000, 0.1, 0.020, (-0.4, 1.0), 70_000, 0.1, cfg=1.2),
+    'xxl': _imagenet('xxl', 6.5e-3,   376_000, 0.1, 0.015, (-0.4, 1.0), 70_000, 0.1, cfg=1.2),
     # ImageNet 64x64 pixels: sCM Table 4, diffusion rows (no guidance at 64x64)
     'img64-s':  _imagenet('img64-s',  1.0e-2, 1_048_000, 0.0, 0.075, (-0.8, 1.6), 35_000, 0.0),
     'img64-m':  _imagenet('img64-m',  9.0e-3, 1_486_000, 0.1, 0.060, (-0.8, 1.6), 35_000, 0.0),
@@ -46,15 +48,17 @@ PRESETS = {
     # CIFAR defaults it follows (EMA half-life 0.5 Mimg, 10 Mimg lr rampup, fp32). P = EDM's (-1.2, 1.2): UNCONFIRMED.
     'cifar10': dict(model='cifar10', data='cifar10', batch=512, steps=400_000, lr=1e-3, lr_decay_steps=0,
                     lr_rampup_mimg=10.0, optimizer='adam', betas=(0.9, 0.999), eps=1e-8, ema_std=0.0,
-                    ema_halflife_mimg=0.5, dropout=0.13, P_mean=-1.2, P_std=1.2, precision='fp32', label_dropout=0.0),
+                    ema_halflife_mimg=0.5, dropout=0.13, P_mean=-1.2, P_std=1.2, precision='fp32', label_dropout=0.0,
+                    sample_heun_steps=18, sample_cfg=1.0),
     # CPU presets for Fashion-MNIST (not paper configurations): EDM2-style lr, short rampup and decay.
     'fashion': dict(model='fashion', data='fashion-mnist', batch=128, steps=20_000, lr=1e-2, lr_decay_steps=4_000,
                     lr_rampup_mimg=0.05, optimizer='adam', betas=(0.9, 0.99), eps=1e-8, ema_std=0.05,
-                    ema_halflife_mimg=0.0, dropout=0.0, P_mean=-0.8, P_std=1.6, precision='fp32', label_dropout=0.1),
+                    ema_halflife_mimg=0.0, dropout=0.0, P_mean=-0.8, P_std=1.6, precision='fp32', label_dropout=0.1,
+                    sample_heun_steps=18, sample_cfg=1.0),
     'fashion-s': dict(model='fashion-s', data='fashion-mnist', batch=128, steps=3_000, lr=1e-2, lr_decay_steps=1_000,
                       lr_rampup_mimg=0.025, optimizer='adam', betas=(0.9, 0.99), eps=1e-8, ema_std=0.05,
                       ema_halflife_mimg=0.0, dropout=0.0, P_mean=-0.8, P_std=1.6, precision='fp32',
-                      label_dropout=0.1),
+                      label_dropout=0.1, sample_heun_steps=18, sample_cfg=1.0),
 }
 
 
@@ -75,6 +79,8 @@ def main():
                    help='experiment preset: model, data and hyperparameters from the paper\'s tables')
     tu.add_common_args(p)
     p.add_argument('--label-dropout', type=float, help='probability of training with the null label (for CFG)')
+    p.add_argument('--sample-heun-steps', type=int, help='Heun steps of the grids and of sample.py (2N - 1 NFE)')
+    p.add_argument('--sample-cfg', type=float, help='guidance scale of the grids and of sample.py (1 = none)')
     args = tu.parse_args(p, PRESETS)
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
@@ -92,7 +98,7 @@ def main():
     # Data: micro-batches of batch_gpu per process, accum of them per step.
     dataset = tu.load_data(args, rank, world)
     batch_gpu, accum = tu.micro_batches(args, world, len(dataset))
-    model_kwargs = tu.model_kwargs_for(args, dataset)
+    model_kwargs = tu.model_kwargs_for(args, dataset, dropout_everywhere=True)   # EDM2 config G (App. G.1)
 
     # Networks: the same initial weights on every rank; EMA and the adaptive weight w_phi(t) (Eq. 8).
     torch.manual_seed(args.seed)
@@ -166,8 +172,11 @@ def main():
                                 reset=step % args.log_every == 0)
             bar.set_postfix(loss=f'{rec["loss"]:.4f}', ips=f'{rec["images_per_s"]:.0f}')
         if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            F = lambda u, t: ema(u, t, grid_labels)                      # the paper's teacher sampler: Heun, 35 NFE
-            tu.save_grids(args.out, step, dataset, {'heun35': tf.sample_heun(F, grid_z, num_steps=18)})
+            F = lambda u, t: ema(u, t, grid_labels)                      # the paper's teacher sampler: EDM Heun
+            if args.sample_cfg != 1 and grid_labels is not None:
+                F = tf.guided(F, lambda u, t: ema(u, t, torch.full_like(grid_labels, -1)), args.sample_cfg)
+            nfe = 2 * args.sample_heun_steps - 1
+            tu.save_grids(args.out, step, dataset, {f'heun{nfe}': tf.sample_heun(F, grid_z, args.sample_heun_steps)})
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             state = tu.checkpoint(step, 'teacher', args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window,
                                   device, world)

@@ -84,7 +84,7 @@ def _close_bars():
 
 OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'teacher'}
 RUN_CONTROL = {'out', 'resume', 'steps', 'data_dir', 'log_every', 'ckpt_every', 'sample_every', 'workers',
-               'on_nonfinite', 'teacher', 'batch_gpu', 'tf32'}   # may change on --resume; all else must match
+               'on_nonfinite', 'teacher', 'batch_gpu', 'tf32', 'sample_cfg', 'sample_heun_steps'}   # all else must match
 
 
 def add_common_args(p):
@@ -128,7 +128,6 @@ def add_cm_args(p):
     a('--tangent-norm', choices=['rms', 'l2'], help='the norm ||g|| of the tangent normalization (trigflow.py)')
     a('--warmup-steps', type=int, help='tangent warmup H: r = min(1, step / H)')
     a('--discrete', type=int, help='0: continuous time (sCM); N: the discrete-time baseline on an N-step grid')
-    a('--sample-cfg', type=float, default=1.0, help='guidance scale of the sample grids')
 
 
 def cm_preset(model, data, lr, steps, dropout, P, t_ref, **kw):
@@ -166,8 +165,11 @@ def parse_args(p, presets):
             raise UserError(f'--{k.replace("_", "-")} must be positive, not {getattr(args, k)}')
     if args.batch_gpu is not None and args.batch_gpu <= 0:
         raise UserError(f'--batch-gpu must be positive, not {args.batch_gpu}')
-    if args.lr <= 0 or args.workers < 0 or args.sample_every < 0:
-        raise UserError('--lr must be positive, --workers and --sample-every at least 0')
+    for k in ('lr', 'workers', 'sample_every', 'dropout', 'P_std', 'eps'):
+        v = getattr(args, k)
+        if v < 0 or v == 0 and k in ('lr', 'P_std'):
+            raise UserError(f'--{k.replace("_", "-")} must be {"positive" if k in ("lr", "P_std") else "at least 0"}, '
+                            f'not {v}')
     return args
 
 
@@ -238,8 +240,10 @@ def load_data(args, rank, world):
     return dataset
 
 
-def model_kwargs_for(args, dataset):
-    """Architecture of the run: a U-Net or DiT preset, checked against the data's shape and labels."""
+def model_kwargs_for(args, dataset, dropout_everywhere=False):
+    """Architecture of the run: a U-Net or DiT preset, checked against the data's shape and labels.
+    dropout_everywhere: dropout in every U-Net block, as EDM2's (the teachers are EDM2 config G, sCM App. G.1);
+    else the preset's dropout_res (consistency models: resolutions <= 16 on ImageNet, App. G.2)."""
     C, H, W = dataset.shape
     if args.model in model.UNET_PRESETS:
         kw = dict(model.UNET_PRESETS[args.model], arch='unet')
@@ -259,6 +263,8 @@ def model_kwargs_for(args, dataset):
     if label_dim and dataset.num_classes != label_dim:
         raise UserError(f'{dataset.name} has {dataset.num_classes} classes but model {args.model!r} expects {label_dim}')
     kw['dropout'] = args.dropout
+    if dropout_everywhere and kw['arch'] == 'unet':
+        kw['dropout_res'] = kw['img_resolution']
     return kw
 
 
@@ -412,8 +418,16 @@ def checkpoint(step, method, args, model_kwargs, dataset, net, ema, wnet, opt, s
                 data=dict(name=dataset.name, shape=tuple(dataset.shape), is_latent=dataset.is_latent,
                           num_classes=dataset.num_classes),
                 net=net.state_dict(), ema=ema.state_dict(), wnet=wnet.state_dict(), opt=opt.state_dict(),
-                scaler=scaler.state_dict(),
+                scaler=scaler.state_dict(), sampling=sampling_defaults(args),
                 log_window=dict(sums={k: float(v) for k, v in window['sums'].items()}, n=window['n']))
+
+
+def sampling_defaults(args):
+    """What sample.py and fid.py use unless told otherwise: the teacher's Heun steps and guidance scale, a guided
+    student's guidance for 1 and 2 steps (sCM Table 6 on ImageNet 512)."""
+    cfg = getattr(args, 'sample_cfg', 1.0)
+    return dict(heun_steps=getattr(args, 'sample_heun_steps', 18), cfg=tuple(cfg) if isinstance(cfg, (list, tuple))
+                else cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
