@@ -1,7 +1,7 @@
 """Cost of sCM training and sampling, side by side on one model and one batch.
 
   python bench.py                       # CPU: two U-Net sizes (0.30M and 15.2M parameters), a few minutes
-  python bench.py --device cuda --precision bf16 --batch 128 --sizes fashion-s big    # on a GPU
+  python bench.py --device cuda --precision bf16 --batch auto --sizes s            # on a GPU (gpu_check.sh)
 
 For each model size, one optimizer step of each kind, in rotation so that load on a shared machine hits them alike:
   diffusion  the teacher's step: F forward with gradient, TrigFlow loss (Eq. 4), backward
@@ -31,6 +31,7 @@ SIZES = {   # name -> U-Net kwargs (28x28 grayscale like Fashion-MNIST, 32x32 RG
     'fashion-s': model.UNET_PRESETS['fashion-s'],
     'big': dict(img_resolution=32, img_channels=3, label_dim=10, model_channels=96, channel_mult=(1, 2, 2),
                 num_blocks=2, attn_resolutions=(8,), dropout_res=16),
+    's': model.UNET_PRESETS['s'],   # sCM's S: 280M parameters on 64x64x4 SD-VAE latents (ImageNet 512), for a GPU
 }
 
 
@@ -119,17 +120,25 @@ def child(args):
     print(json.dumps(dict(kind=args.kind, extra_mb=peak - base)))
 
 
-def measure_memory(args, size, kind):
+def measure_memory(args, size, kind, check=True):
     cmd = [sys.executable, __file__, '--child', '--size', size, '--kind', kind, '--device', args.device,
            '--batch', str(args.batch), '--precision', args.precision]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])['extra_mb']
+    p = subprocess.run(cmd, capture_output=True, text=True, check=check)
+    return json.loads(p.stdout.strip().splitlines()[-1])['extra_mb'] if p.returncode == 0 else None
+
+
+def largest_batch(args, size):
+    """The largest power-of-two batch (<= 1024) at which two sCD steps fit in memory, each try in a fresh process."""
+    for b in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if measure_memory(argparse.Namespace(**dict(vars(args), batch=b)), size, 'sCD', check=False) is not None:
+            return b
+    raise SystemExit(f'error: not even batch 1 of {size} fits')
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--sizes', nargs='+', default=['fashion-s', 'big'], choices=sorted(SIZES))
-    p.add_argument('--batch', type=int, default=32)
+    p.add_argument('--batch', default='32', help="batch size, or 'auto': the largest power of two that fits an sCD step")
     p.add_argument('--rounds', type=int, default=5, help='timed rounds (after one warm-up round)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--precision', choices=['fp32', 'bf16', 'fp16'], default='fp32')
@@ -138,11 +147,14 @@ def main():
     p.add_argument('--kind', help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
+        args.batch = int(args.batch)
         return child(args)
     kinds = ['diffusion', 'sCT', 'sCD']
     print(f'device {args.device} ({torch.get_num_threads()} threads), batch {args.batch}, {args.precision}, '
           f'median of {args.rounds} rounds')
+    auto = args.batch == 'auto'
     for size in args.sizes:
+        args.batch = largest_batch(args, size) if auto else int(args.batch)
         device, net, teacher, wnet, opt, x0, labels, amp = setup(args, size)
         n_params = sum(p.numel() for p in net.parameters()) / 1e6
         steps = {k: make_step(k, net, teacher, wnet, opt, x0, labels, amp) for k in kinds + list(PARTS)}
@@ -157,10 +169,11 @@ def main():
                     times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         mem = {k: measure_memory(args, size, k) for k in kinds}
-        print(f'\n{size}: U-Net {n_params:.2f}M parameters, {tuple(x0.shape[1:])}')
-        print(f'  {"step":10s} {"s/step":>8s} {"x diffusion":>12s} {"peak MB":>9s} {"x diffusion":>12s}')
+        print(f'\n{size}: U-Net {n_params:.2f}M parameters, {tuple(x0.shape[1:])}, batch {args.batch}'
+              + (' (the largest that fits)' if auto else ''))
+        print(f'  {"step":10s} {"s/step":>8s} {"x diffusion":>12s} {"images/s":>9s} {"peak MB":>9s} {"x diffusion":>12s}')
         for k in kinds:
-            print(f'  {k:10s} {med[k]:8.3f} {med[k] / med["diffusion"]:12.2f} {mem[k]:9.0f} '
+            print(f'  {k:10s} {med[k]:8.3f} {med[k] / med["diffusion"]:12.2f} {args.batch / med[k]:9.1f} {mem[k]:9.0f} '
                   f'{mem[k] / mem["diffusion"]:12.2f}')
         fwd, jvp, jvp_torch = med['forward'], med['JVP pass'], med['JVP, torch rules']
         print(f'  where the time goes: a no-grad forward {fwd:.3f} s, the JVP pass {jvp:.3f} s ({jvp / fwd:.2f} forwards; '

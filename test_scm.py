@@ -624,6 +624,56 @@ def test_low_precision_autocast_jvp(make, shape, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# On a GPU (skipped without CUDA; gpu_check.sh runs them): low-precision tangents, the attention paths, NCCL.
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (run gpu_check.sh on a GPU machine)')
+
+
+@cuda
+@pytest.mark.parametrize('make,shape', [(tiny_unet, (4, 1, 16, 16)), (tiny_dit, (4, 2, 8, 8))])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_tangents_near_fp32(make, shape, dtype):
+    """On the GPU's own bf16/fp16 kernels, the tangent at T_MIN and T_MAX (where 1/sin or 1/cos would overflow fp16
+    without the JVP rearrangement of §5.1) is finite and close to fp32's; TF32 off for the reference."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    net = make().cuda()
+    torch.manual_seed(0)
+    x_t = torch.randn(shape, device='cuda') * SD
+    t = torch.tensor([tf.T_MIN, tf.T_MIN, tf.T_MAX, tf.T_MAX], device='cuda')
+    dxdt = torch.randn_like(x_t) * SD
+    _, g32 = tf.scm_tangent(net, x_t, t, dxdt)
+    with torch.autocast('cuda', dtype=dtype):
+        _, g16 = tf.scm_tangent(net, x_t, t, dxdt)
+        loss, _ = tf.scm_loss(net, x_t, t, dxdt)
+    assert g16.dtype == torch.float32 and torch.isfinite(g16).all() and torch.isfinite(loss)
+    assert rel(g16, g32) < 0.05
+
+
+@cuda
+def test_cuda_attention_fused_without_tangent_math_under_jvp(monkeypatch):
+    """Fused SDPA (flash/memory-efficient kernels) whenever no tangent is active; the explicit math path under the
+    JVP, where the fused kernels have no forward AD; the two agree."""
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(model.nnf, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or fused(*a, **k))
+    net = tiny_unet().cuda()
+    u, t = torch.randn(2, 1, 16, 16, device='cuda'), torch.rand(2, device='cuda')
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        plain = net(u, t)
+        n_fused = len(calls)
+        via_jvp, _ = torch.func.jvp(lambda u: net(u, t), (u,), (torch.randn_like(u),))
+    assert n_fused > 0 and len(calls) == n_fused                               # none under the JVP
+    assert (plain.float() - via_jvp.float()).abs().max() < 0.05
+
+
+@cuda
+def test_cuda_torchrun_one_process_on_nccl(image_folder, tiny_teacher, tmp_path):
+    p = run_script('train_scd.py', '--preset', 'fashion-s', '--data', image_folder, *TINY, '--teacher', tiny_teacher,
+                   '--s-max', 1, '--out', tmp_path / 'run', '--steps', 3, '--precision', 'bf16', torchrun=True)
+    assert 'on cuda:0' in p.stdout and 'weights sha256' in p.stdout, p.stdout[-2000:]     # DDP over NCCL, 1 rank
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Samplers
 
 
@@ -680,10 +730,10 @@ def image_folder(tmp_path_factory):
     return str(folder)
 
 
-def run_script(script, *args, nproc=1, check=True):
+def run_script(script, *args, nproc=1, check=True, torchrun=False):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
-        if nproc > 1 else [sys.executable]
+        if nproc > 1 or torchrun else [sys.executable]
     p = subprocess.run(cmd + [os.path.join(ROOT, script), *map(str, args)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:

@@ -111,7 +111,7 @@ def main():
     if args.resume:
         step, window = tu.resume(ckpt_path, 'teacher', tu.run_config(args), net, ema, wnet, opt, scaler, log_path)
         saved_step = step
-    ddp_net, ddp_wnet = (DDP(net), DDP(wnet)) if world > 1 else (net, wnet)
+    ddp_net, ddp_wnet = (DDP(net), DDP(wnet)) if dist.is_initialized() else (net, wnet)   # any torchrun run
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, 'config.json'), 'w') as f:
