@@ -925,9 +925,10 @@ def test_one_writer_per_run_and_no_litter(image_folder, tmp_path):
 
 def test_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
     import errno
+    import checkpoint
     import train_util
     path = str(tmp_path / 'checkpoint.pt')
-    train_util.save_checkpoint(path, {'step': 1})
+    checkpoint.save(path, {'step': 1})
 
     def full_disk(obj, f):
         with open(f, 'wb') as fh:
@@ -935,7 +936,7 @@ def test_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, m
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(torch, 'save', full_disk)
     with pytest.raises(train_util.UserError, match='disk is full.*previous checkpoint is intact'):
-        train_util.save_checkpoint(path, {'step': 2})
+        checkpoint.save(path, {'step': 2})
     assert os.listdir(tmp_path) == ['checkpoint.pt'] and torch.load(path)['step'] == 1
 
 
@@ -1137,38 +1138,38 @@ def test_power_ema_has_the_requested_relative_std():
 
 
 def test_editing_operators_are_invertible_and_keep_their_subspace():
-    import sample
+    import edit
     torch.manual_seed(0)
     x = torch.rand(2, 3, 8, 8) * 2 - 1
-    Q = sample.orthogonal_basis(sample.GRAY)
+    Q = edit.orthogonal_basis(edit.GRAY)
     assert torch.allclose(Q.T @ Q, torch.eye(3, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(Q[:, 0], torch.tensor(sample.GRAY, dtype=torch.float64) / math.hypot(*sample.GRAY))
+    assert torch.allclose(Q[:, 0], torch.tensor(edit.GRAY, dtype=torch.float64) / math.hypot(*edit.GRAY))
     masks = (torch.rand_like(x) > 0.5).float()
-    for A, Ainv, Omega in [sample.colorization_ops(x), sample.superres_ops(x, 4), sample.superres_ops(x, 2),
-                           sample.identity_ops(masks)]:
+    for A, Ainv, Omega in [edit.colorization_ops(x), edit.superres_ops(x, 4), edit.superres_ops(x, 2),
+                           edit.identity_ops(masks)]:
         assert rel(Ainv(A(x)), x) < 1e-6 and rel(A(Ainv(A(x))), A(x)) < 1e-6
         # an edit keeps A(y)(1 - Omega) exactly, whatever the network does
         y = x[:1]
         F = lambda u, t: torch.randn_like(u)                       # any network
-        out = sample.edit(F, y, A, Ainv, Omega[:1], [1.2, 0.5], clamp=False)
+        out = edit.edit(F, y, A, Ainv, Omega[:1], [1.2, 0.5], clamp=False)
         assert (A(out) * (1 - Omega[:1]) - A(y) * (1 - Omega[:1])).abs().max() < 1e-5
         assert (A(out) * Omega[:1]).abs().max() > 1e-3
     # colorization keeps the luminance; super-resolution keeps every patch mean
-    A, Ainv, Omega = sample.colorization_ops(x)
-    out = sample.edit(lambda u, t: torch.randn_like(u), x, A, Ainv, Omega, [1.0], clamp=False)
-    lum = lambda v: (v * torch.tensor(sample.GRAY).view(1, 3, 1, 1)).sum(1)
+    A, Ainv, Omega = edit.colorization_ops(x)
+    out = edit.edit(lambda u, t: torch.randn_like(u), x, A, Ainv, Omega, [1.0], clamp=False)
+    lum = lambda v: (v * torch.tensor(edit.GRAY).view(1, 3, 1, 1)).sum(1)
     assert (lum(out) - lum(x)).abs().max() < 1e-5
-    A, Ainv, Omega = sample.superres_ops(x, 4)
-    out = sample.edit(lambda u, t: torch.randn_like(u), x, A, Ainv, Omega, [1.0], clamp=False)
+    A, Ainv, Omega = edit.superres_ops(x, 4)
+    out = edit.edit(lambda u, t: torch.randn_like(u), x, A, Ainv, Omega, [1.0], clamp=False)
     pool = torch.nn.functional.avg_pool2d
     assert (pool(out, 4) - pool(x, 4)).abs().max() < 1e-5
 
 
 def test_slerp_endpoints():
-    import sample
+    import edit
     z1, z2 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    assert torch.allclose(sample.slerp(z1, z2, 0.0), z1, atol=1e-5)
-    assert torch.allclose(sample.slerp(z1, z2, 1.0), z2, atol=1e-5)
+    assert torch.allclose(edit.slerp(z1, z2, 0.0), z1, atol=1e-5)
+    assert torch.allclose(edit.slerp(z1, z2, 1.0), z2, atol=1e-5)
 
 
 def test_sharded_sampling_reproduces_single_process(tiny_teacher, image_folder, tmp_path):

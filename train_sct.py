@@ -19,10 +19,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model
+import checkpoint as ck
+import train_args
 import train_util as tu
 import trigflow as tf
 
-_cm = tu.cm_preset
+_cm = train_args.cm_preset
 PRESETS = {
     # ImageNet 512 latents: sCM Table 5, sCT rows (100k iterations, dropout 25%/35% at resolutions <= 16)
     's':   _cm('s',   None, 1.0e-4, 100_000, 0.25, (-0.8, 1.6), 70_000),
@@ -68,9 +70,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', '--size', dest='preset', choices=sorted(PRESETS), required=True,
                    help='experiment preset: model, data and hyperparameters from the paper\'s tables')
-    tu.add_common_args(p)
-    tu.add_cm_args(p)
-    args = tu.parse_args(p, PRESETS)
+    train_args.add_common_args(p)
+    train_args.add_cm_args(p)
+    args = train_args.parse_args(p, PRESETS)
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process.
@@ -81,7 +83,7 @@ def main():
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    ckpt_path = tu.open_run(args, 'sct', rank)
+    ckpt_path = ck.open_run(args, 'sct', rank)
     log_path = os.path.join(args.out, 'log.jsonl') if rank == 0 else None
 
     # Data: micro-batches of batch_gpu per process, accum of them per step.
@@ -95,15 +97,15 @@ def main():
     torch.manual_seed(args.seed)
     net = model.build(model_kwargs).to(device)
     wnet = tf.AdaptiveWeight().to(device)
-    teacher = tu.load_teacher(args.teacher, model_kwargs).to(device)
-    tu.start_from(net, teacher)
+    teacher = ck.load_teacher(args.teacher, model_kwargs).to(device)
+    ck.start_from(net, teacher)
     del teacher
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
-    step, saved_step, window = 0, None, tu.new_window()
+    step, saved_step, window = 0, None, ck.new_window()
     if args.resume:
-        step, window = tu.resume(ckpt_path, 'sct', tu.run_config(args), net, ema, wnet, opt, scaler, log_path)
+        step, window = ck.resume(ckpt_path, 'sct', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path)
         saved_step = step
     ddp_net, ddp_wnet = (DDP(net), DDP(wnet)) if dist.is_initialized() else (net, wnet)   # any torchrun run
     if rank == 0:
@@ -159,11 +161,11 @@ def main():
             if model_kwargs['arch'] == 'unet':
                 model.project_weights_(net)
             tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
-            tu.window_add(window, terms)
+            ck.window_add(window, terms)
 
         # Log, sample grid, checkpoint (the grid first: a kill between them redoes both on resume).
         if (step % args.log_every == 0 or step == args.steps) and window['n']:
-            rec = tu.log_record(log_path, step, lr, args.batch, window, device, world,
+            rec = ck.log_record(log_path, step, lr, args.batch, window, device, world,
                                 reset=step % args.log_every == 0)
             bar.set_postfix(loss=f'{rec["loss"]:.4f}', ips=f'{rec["images_per_s"]:.0f}')
         if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
@@ -171,10 +173,10 @@ def main():
             tu.save_grids(args.out, step, dataset, {'1step': tf.sample_consistency(F, grid_z),
                                                     '2step': tf.sample_consistency(F, grid_z, (tf.T_MAX, tf.T_MID))})
         if step % args.ckpt_every == 0 or step == args.steps or stop:
-            state = tu.checkpoint(step, 'sct', args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window,
+            state = ck.run_state(step, 'sct', args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window,
                                   device, world)
             if rank == 0:
-                tu.save_checkpoint(ckpt_path, state)
+                ck.save(ckpt_path, state)
             saved_step = step
         if stop:
             raise tu.interrupted(step, ckpt_path)

@@ -1,27 +1,20 @@
-"""Plain functions the three training scripts (train_teacher.py, train_sct.py, train_scd.py) share: the command line
-with presets, the data stream, checkpoints and resume, the learning rate, EMA, the non-finite check, logging and
-sample grids. Nothing here owns the loop: each script holds its own, top to bottom. The method is in trigflow.py.
+"""Plain functions the three training scripts (train_teacher.py, train_sct.py, train_scd.py) share: errors and exit
+codes, data and networks of a run, the data stream, the learning rate, EMA, and the pieces of a step (gradient sync,
+precision, the non-finite check, stop signals, grids). Nothing here owns the loop: each script holds its own, top to
+bottom. The command line is in train_args.py, the run folder and checkpoints in checkpoint.py, the method in
+trigflow.py.
 
 Exact resume: every random draw of a step (data order, t, z, dropout, label dropout) comes from generators seeded by
 (seed, step, micro-batch, rank), so a run resumed from a checkpoint repeats bit for bit what an uninterrupted run
 does; no RNG state needs saving. Checkpoints are written to a temporary file and renamed, never torn.
 """
-import argparse
 import contextlib
-import errno
-import fcntl
-import glob
 import hashlib
-import json
 import math
 import os
 import resource
-import shutil
 import signal
-import socket
 import sys
-import time
-import warnings
 
 import numpy as np
 import torch
@@ -77,146 +70,6 @@ def _close_bars():
     """Close open progress bars, so that the message printed next is the last line."""
     for bar in list(getattr(tqdm, '_instances', ())):
         bar.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line: a preset row fills the defaults, explicit flags override them.
-
-OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'teacher'}
-RUN_CONTROL = {'out', 'resume', 'steps', 'data_dir', 'log_every', 'ckpt_every', 'sample_every', 'workers',
-               'on_nonfinite', 'teacher', 'batch_gpu', 'tf32', 'sample_cfg', 'sample_heun_steps'}   # all else must match
-
-
-def add_common_args(p):
-    """Flags of all three scripts: data, network, optimizer, schedule, EMA, precision, run control."""
-    a = p.add_argument
-    a('--out', help='run folder (default runs/<method>-<preset>)')
-    a('--resume', action='store_true', help='continue the run in --out from its checkpoint.pt')
-    a('--data', help='fashion-mnist, mnist, cifar10, an image folder, a .zip of images or a .npy of latents')
-    a('--data-dir', help='folder of the named datasets (default $SCM_DATA, else ~/.cache/scm)')
-    a('--model', help='network: a name in model.UNET_PRESETS or model.DIT_PRESETS')
-    a('--batch', type=int, help='global batch size')
-    a('--batch-gpu', type=int, help='per-process micro-batch; the rest of the batch is gradient accumulation')
-    a('--steps', type=int, help='training iterations')
-    a('--lr', type=float, help='reference learning rate alpha_ref')
-    a('--lr-decay-steps', type=int, help="EDM2's t_ref: lr = alpha_ref / sqrt(max(step / t_ref, 1)); 0 = constant")
-    a('--lr-rampup-mimg', type=float, help='linear lr rampup over this many million images')
-    a('--optimizer', choices=['adam', 'radam'], help='Adam or RAdam')
-    a('--betas', type=float, nargs=2, help='Adam betas')
-    a('--eps', type=float, help='Adam epsilon')
-    a('--ema-std', type=float, help="EDM2's power-function EMA with this sigma_rel (0: use --ema-halflife-mimg)")
-    a('--ema-halflife-mimg', type=float, help="EDM's EMA half-life in million images")
-    a('--dropout', type=float, help='dropout probability (U-Net: at resolutions <= the preset\'s dropout_res)')
-    a('--P-mean', type=float, dest='P_mean', help='mean of log(sigma_d tan t) in the log-normal time proposal')
-    a('--P-std', type=float, dest='P_std', help='std of log(sigma_d tan t) in the log-normal time proposal')
-    a('--precision', choices=['fp32', 'bf16', 'fp16'], help='autocast dtype of the network body')
-    a('--tf32', action='store_true', help='allow TF32 matmuls on Ampere+ GPUs (off, as in EDM and EDM2)')
-    a('--seed', type=int, default=0, help='seed of the initial weights and of every step\'s random draws')
-    a('--log-every', type=int, default=50, help='append a record to <out>/log.jsonl every K steps')
-    a('--ckpt-every', type=int, default=500, help='write <out>/checkpoint.pt every K steps (and at the end)')
-    a('--sample-every', type=int, default=1000, help='write sample grids <out>/samples/*.png every K steps (0 = never)')
-    a('--workers', type=int, default=0, help='DataLoader worker processes for image files decoded lazily')
-    a('--on-nonfinite', choices=['stop', 'skip'], default='stop',
-      help='NaN/Inf in the loss, a loss term or the gradient: stop naming it (exit 3), or skip the step')
-
-
-def add_cm_args(p):
-    """Flags of the consistency-model scripts (sCT and sCD)."""
-    a = p.add_argument
-    a('--teacher', help="the TrigFlow teacher's checkpoint (train_teacher.py); the student starts from its EMA")
-    a('--tangent-c', type=float, dest='tangent_c', help='c of the tangent normalization g / (||g|| + c)')
-    a('--tangent-norm', choices=['rms', 'l2'], help='the norm ||g|| of the tangent normalization (trigflow.py)')
-    a('--warmup-steps', type=int, help='tangent warmup H: r = min(1, step / H)')
-    a('--discrete', type=int, help='0: continuous time (sCM); N: the discrete-time baseline on an N-step grid')
-
-
-def cm_preset(model, data, lr, steps, dropout, P, t_ref, **kw):
-    """CM settings shared by sCT and sCD on ImageNet (sCM Tables 4-5): the teacher's optimizer (Adam (0.9, 0.99,
-    1e-11), batch 2048, fp16) with lr = teacher lr x 0.01 and the same decay t_ref, no rampup (UNCONFIRMED), c = 0.1,
-    10k warmup, EMA sigma_rel 0.05."""
-    return dict(dict(model=model, data=data, batch=2048, steps=steps, lr=lr, lr_decay_steps=t_ref, lr_rampup_mimg=0.0,
-                     optimizer='adam', betas=(0.9, 0.99), eps=1e-11, ema_std=0.05, ema_halflife_mimg=0.0,
-                     dropout=dropout, P_mean=P[0], P_std=P[1], precision='fp16', tangent_c=0.1, tangent_norm='rms',
-                     warmup_steps=10_000, discrete=0), **kw)
-
-
-def parse_args(p, presets):
-    """Parse with the chosen preset's row as the defaults; `--preset X --help` shows that row's values."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('--preset', '--size', dest='preset', choices=sorted(presets))
-    chosen = pre.parse_known_args()[0].preset
-    keys = set().union(*presets.values())
-    for action in p._actions:
-        if action.dest in keys:
-            action.help = (action.help or '') + (f' [{chosen}: %(default)s]' if chosen else ' [set by --preset]')
-        elif action.default is not None and action.default is not False and action.default != argparse.SUPPRESS:
-            action.help = (action.help or '') + ' [default: %(default)s]'
-    if chosen:
-        p.set_defaults(**presets[chosen])
-    args = p.parse_args()
-    for k, v in vars(args).items():
-        if isinstance(v, list):
-            setattr(args, k, tuple(v))
-    missing = [k for k, v in vars(args).items() if v is None and k not in OPTIONAL]
-    if missing:
-        raise UserError(f'preset {args.preset!r} sets no value for {missing}; pass them as flags')
-    for k in ('batch', 'steps', 'log_every', 'ckpt_every'):
-        if getattr(args, k) <= 0:
-            raise UserError(f'--{k.replace("_", "-")} must be positive, not {getattr(args, k)}')
-    if args.batch_gpu is not None and args.batch_gpu <= 0:
-        raise UserError(f'--batch-gpu must be positive, not {args.batch_gpu}')
-    for k in ('lr', 'workers', 'sample_every', 'dropout', 'P_std', 'eps'):
-        v = getattr(args, k)
-        if v < 0 or v == 0 and k in ('lr', 'P_std'):
-            raise UserError(f'--{k.replace("_", "-")} must be {"positive" if k in ("lr", "P_std") else "at least 0"}, '
-                            f'not {v}')
-    return args
-
-
-def run_config(args):
-    """What a resume must match: every flag except run control."""
-    return {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
-
-
-_LOCKS = []                                                         # open lock files, held until exit
-
-
-def open_run(args, method, rank=0):
-    """The run folder and its checkpoint path. Refuses to overwrite a run, to resume a missing one, and (rank 0) to
-    share the folder with another live process: an flock on <out>/.lock, released by the OS when its holder dies.
-    Holding it, rank 0 removes what dead writers left: temporary files, and a log without a checkpoint."""
-    args.out = args.out or os.path.join('runs', f'{method}-{args.preset}')
-    path = os.path.join(args.out, 'checkpoint.pt')
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f'--out {args.out} is a file, not a folder')
-    if os.path.exists(path) and not args.resume:
-        raise UserError(f'{args.out} already holds a run; pass --resume to continue it or --out for a new one')
-    if args.resume and not os.path.exists(path):
-        raise UserError(f'--resume: no checkpoint at {path}')
-    if rank != 0:
-        return path
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        lock = open(os.path.join(args.out, '.lock'), 'a+')
-    except OSError as e:
-        raise UserError(f'cannot write to --out {args.out}: {e.strerror}') from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        raise UserError(f'{args.out} is in use by another process ({lock.read().strip() or "pid unknown"}); '
-                        f'wait for it to end, or stop it, or pass another --out') from None
-    lock.truncate(0)
-    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-    lock.flush()
-    _LOCKS.append(lock)
-    stale = glob.glob(glob.escape(path) + '.tmp*') + glob.glob(os.path.join(glob.escape(args.out), 'samples', '*.tmp'))
-    if not args.resume:
-        stale += [os.path.join(args.out, 'log.jsonl')]                  # a run killed before its first checkpoint
-    for f in stale:
-        if os.path.exists(f):
-            os.remove(f)
-    return path
 
 
 def micro_batches(args, world, n):
@@ -313,121 +166,6 @@ def data_stream(dataset, batch_gpu, rank, world, seed, start_micro, workers):
                                          sampler=range(start_micro, 1 << 62), num_workers=workers,
                                          persistent_workers=True)
     yield from loader
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, one-line errors, resume only into the same configuration.
-
-
-def save_checkpoint(path, obj):
-    """Atomic: write a temporary file in the same folder, then rename it over the old checkpoint. A failed write
-    removes its temporary file and says how much space the disk has left."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if not isinstance(e, Exception):
-            raise
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        full = getattr(e, 'errno', None) == errno.ENOSPC or free < 64 * 2 ** 20
-        raise UserError(f'cannot write {path}: ' + ('the disk is full' if full else f'{type(e).__name__}: {e}') +
-                        f' ({free / 2 ** 20:.0f} MB free); the previous checkpoint is intact') from None
-
-
-CKPT_KEYS = ('method', 'step', 'config', 'model_kwargs', 'net', 'ema')
-
-
-def load_checkpoint(path):
-    """A checkpoint of train_teacher.py, train_sct.py or train_scd.py; anything else gets one line."""
-    if not os.path.isfile(path):
-        raise UserError(f'no checkpoint at {path}' + (' (a folder)' if os.path.isdir(path) else ''))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')                    # e.g. torch.load's warning on a TorchScript archive
-            ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise UserError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from None
-    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UserError(f'{path} is not a checkpoint of this project\'s training scripts (a {type(ckpt).__name__}'
-                        + (f' without {", ".join(missing)})' if isinstance(ckpt, dict) else ')'))
-    return ckpt
-
-
-def resume(path, method, config, net, ema, wnet, opt, scaler, log_path=None):
-    """Load a run's state in place; returns (step, log window). Refuses a checkpoint of another method or
-    configuration. Drops the log records a killed run wrote after that step, and a torn last line."""
-    ckpt = load_checkpoint(path)
-    theirs = ckpt['config']
-    diff = sorted(k for k in set(config) | set(theirs) if config.get(k) != theirs.get(k))
-    if ckpt['method'] != method or diff:
-        what = [f'method={ckpt["method"]!r} there vs {method!r} here'] if ckpt['method'] != method else []
-        what += [f'--{k.replace("_", "-")}={theirs.get(k)!r} there vs {config.get(k)!r} here' for k in diff]
-        raise UserError(f'{path} was written by another configuration: ' + ', '.join(what))
-    for module, key in ((net, 'net'), (ema, 'ema'), (wnet, 'wnet'), (opt, 'opt'), (scaler, 'scaler')):
-        module.load_state_dict(ckpt[key])
-    if log_path and os.path.exists(log_path):
-        keep = []
-        with open(log_path) as f:
-            for line in f:
-                try:
-                    if json.loads(line)['step'] <= ckpt['step']:
-                        keep.append(line)
-                except (ValueError, KeyError, TypeError):
-                    pass                                                 # torn by a kill mid-write
-        with open(log_path, 'w') as f:
-            f.writelines(keep)
-    return ckpt['step'], new_window(**ckpt.get('log_window', {}))
-
-
-def load_teacher(path, kwargs):
-    """The EMA weights of a trained TrigFlow teacher (sCM App. G: students start from them; sCD also distills them)."""
-    if not path:
-        raise UserError('this method starts from a TrigFlow teacher: pass --teacher runs/teacher-<preset>/checkpoint.pt')
-    ckpt = load_checkpoint(path)
-    if ckpt.get('method') != 'teacher':
-        raise UserError(f'{path} is a {ckpt.get("method")!r} checkpoint, not a TrigFlow teacher (train_teacher.py)')
-    mine, theirs = model.architecture(kwargs), model.architecture(ckpt['model_kwargs'])
-    if mine != theirs:
-        raise UserError(f'teacher {path} has another architecture: ' + ', '.join(
-            f'{k}={theirs.get(k)!r} there vs {mine.get(k)!r} here'
-            for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)))
-    teacher = model.build(dict(ckpt['model_kwargs'], dropout=0.0))
-    teacher.load_state_dict(ckpt['ema'])
-    return teacher.eval().requires_grad_(False)
-
-
-def start_from(net, teacher):
-    """Load the teacher's weights into a student; only a student's CFG-scale input may be missing from them."""
-    missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or any('cfg' not in k for k in missing):
-        raise UserError(f'cannot start from the teacher: missing {missing}, unexpected {unexpected}')
-
-
-def checkpoint(step, method, args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window, device, world):
-    """Everything a resume, sample.py and fid.py need; call it on every rank (the log window is averaged over them,
-    so that the first log record after a resume is the one an uninterrupted run writes)."""
-    if world > 1 and window['sums']:
-        vec = torch.tensor([float(v) for v in window['sums'].values()], device=device, dtype=torch.float64)
-        dist.all_reduce(vec)
-        window['sums'] = dict(zip(window['sums'], (vec / world).tolist()))
-    return dict(method=method, step=step, config=run_config(args), model_kwargs=model_kwargs,
-                data=dict(name=dataset.name, shape=tuple(dataset.shape), is_latent=dataset.is_latent,
-                          num_classes=dataset.num_classes),
-                net=net.state_dict(), ema=ema.state_dict(), wnet=wnet.state_dict(), opt=opt.state_dict(),
-                scaler=scaler.state_dict(), sampling=sampling_defaults(args),
-                log_window=dict(sums={k: float(v) for k, v in window['sums'].items()}, n=window['n']))
-
-
-def sampling_defaults(args):
-    """What sample.py and fid.py use unless told otherwise: the teacher's Heun steps and guidance scale, a guided
-    student's guidance for 1 and 2 steps (sCM Table 6 on ImageNet 512)."""
-    cfg = getattr(args, 'sample_cfg', 1.0)
-    return dict(heun_steps=getattr(args, 'sample_heun_steps', 18), cfg=tuple(cfg) if isinstance(cfg, (list, tuple))
-                else cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -538,38 +276,6 @@ def nonfinite_message(step, terms, bad, x0, ckpt_path, saved_step):
     else:
         hint = 'lower --lr, use --precision fp32, or pass --on-nonfinite skip'
     return f'step {step}: non-finite {names}; {hint}; {last}'
-
-
-def new_window(sums=None, n=0):
-    """The log's current window: sums of the terms over its n steps, and the time of the steps this process ran."""
-    return dict(sums=dict(sums or {}), n=n, timed=0, t0=time.time())
-
-
-def window_add(window, terms):
-    window['n'] += 1
-    window['timed'] += 1
-    for k, v in terms.items():
-        window['sums'][k] = window['sums'].get(k, 0.0) + v
-
-
-def log_record(path, step, lr, batch, window, device, world, reset=True):
-    """Average the window over its steps and the ranks, append it to log.jsonl (path None: not rank 0), reset it.
-    reset=False (the last step of a run that is not a log step): the window goes on, into the checkpoint, so that
-    a resumed run's next record is the one an uninterrupted run writes."""
-    stats = {k: float(v) / window['n'] for k, v in window['sums'].items()}
-    if world > 1:
-        vec = torch.tensor(list(stats.values()), device=device)
-        dist.all_reduce(vec)
-        stats = dict(zip(stats, (vec / world).tolist()))
-    elapsed = time.time() - window['t0']
-    rec = dict(step=step, lr=lr, images_per_s=window['timed'] * batch / elapsed,
-               sec_per_step=elapsed / max(window['timed'], 1), mem_gb=peak_mem_gb(device), **stats)
-    if path:
-        with open(path, 'a') as f:
-            f.write(json.dumps(rec) + '\n')
-    if reset:
-        window.update(new_window())
-    return rec
 
 
 def peak_mem_gb(device):
