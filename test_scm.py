@@ -883,6 +883,33 @@ def test_tf32_is_off_unless_asked(image_folder, tmp_path, monkeypatch):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True   # torch's defaults
 
 
+def test_checkpoints_carry_their_presets_sampling_defaults():
+    """ImageNet teachers sample with Heun, 32 steps (63 NFE) and Table 6's guidance; a guided sCD student with
+    Table 6's guidance for 1 and 2 steps; sample.py takes them from the checkpoint unless told otherwise."""
+    import argparse
+    import checkpoint
+    import sample
+    import train_scd
+    import train_teacher
+    assert checkpoint.sampling_defaults(argparse.Namespace(**train_teacher.PRESETS['s'])) == dict(heun_steps=32, cfg=1.4)
+    assert checkpoint.sampling_defaults(argparse.Namespace(**train_teacher.PRESETS['xl']))['cfg'] == 1.2
+    assert checkpoint.sampling_defaults(argparse.Namespace(**train_scd.PRESETS['s']))['cfg'] == (1.5, 1.4)
+    assert checkpoint.sampling_defaults(argparse.Namespace(**train_teacher.PRESETS['fashion-s'])) == dict(
+        heun_steps=18, cfg=1.0)
+    p = argparse.ArgumentParser()
+    sample.add_sampler_args(p)
+    scd = dict(method='scd', model_kwargs=dict(label_dim=1000), sampling=dict(heun_steps=18, cfg=(1.5, 1.4)))
+    teacher = dict(method='teacher', model_kwargs=dict(label_dim=1000), sampling=dict(heun_steps=32, cfg=1.4))
+    for ckpt, flags, want in [(scd, [], (18, 1.5)), (scd, ['--steps', '2'], (18, 1.4)), (scd, ['--ts', '1.5', '1.1'],
+                              (18, 1.4)), (scd, ['--cfg', '1.0'], (18, 1.0)), (teacher, [], (32, 1.4)),
+                              (teacher, ['--heun-steps', '18', '--cfg', '2'], (18, 2.0)),
+                              (dict(method='teacher', model_kwargs={}), [], (18, 1.0))]:          # an older checkpoint
+        args = p.parse_args(flags)
+        args.num = 1
+        sample.check_args(args, ckpt)
+        assert (args.heun_steps, args.cfg) == want, (flags, want)
+
+
 def test_one_writer_per_run_and_no_litter(image_folder, tmp_path):
     """A run folder whose lock is held is refused; holding it, a run removes what killed writers left (temporary
     files, a log without a checkpoint), and a torn last log line does not stop a resume."""
