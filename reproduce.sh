@@ -34,7 +34,7 @@ train() {  # train <script> <out> <steps> [flags...]: start, or resume up to <st
     local script=$1 out=$2 steps=$3; shift 3
     [ "$(step_of "$out/checkpoint.pt")" -ge "$steps" ] && return 0
     local resume=""; [ -f "$out/checkpoint.pt" ] && resume=--resume
-    $PY "$script" --preset "$PRESET" --out "$out" --steps "$steps" --sample-every "$EVERY" $resume "$@"
+    $PY "$script" --preset "$PRESET" --out "$out" --steps "$steps" --sample-every "$EVERY" --ckpt-every 100 $resume "$@"
 }
 
 fid_of() {  # fid_of <checkpoint> <num> [sampler flags...] -> prints the FID
