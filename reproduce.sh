@@ -6,7 +6,7 @@
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 CPU hours on 2 cores (README)
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, plot)
-#   CM_STEPS=600 EVERY=300 CURVE_NUM=200 bash reproduce.sh   # a quick smoke run of every stage
+#   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
 #
 # Writes runs/repro-$PRESET/: {teacher,scd,sct,dscd1024,dscd64}/ (checkpoints, logs, grids), ref-train-$NUM.npz,
 # curve.txt ("<method> <step> <NFE> <FID with CURVE_NUM samples>"), fid.txt ("<row> <NFE> <FID with NUM samples>"),
@@ -22,7 +22,8 @@ EVERY=${EVERY:-500}                  # a curve point every EVERY steps
 TEACHER_STEPS=${TEACHER_STEPS:-}     # empty: the preset's step count
 STAGES=${STAGES:-teacher scd sct dscd1024 dscd64 table plot}
 PY=${PY:-python}
-R=runs/repro-$PRESET
+R=${R:-runs/repro-$PRESET}       # the run folder (override for a smoke run)
+FIG=${FIG:-figures}              # where the plot stage writes hero.png and repro/fid-vs-steps.png
 T=$R/teacher/checkpoint.pt
 REF=$R/ref-train-$NUM.npz            # the reference: the first NUM training images
 mkdir -p "$R/grids"
@@ -87,6 +88,7 @@ if has table; then
          printf "FID(sCD 2-step) - FID(dsCD 2-step): N = 1024 %.2f, N = 64 %.2f (goal < 0); teacher seed 0 vs 1: %.2f\n", f["scd-2step"] - f["dscd1024-2step"], f["scd-2step"] - f["dscd64-2step"], f["teacher-heun35"] - f["teacher-heun35-seed1"]}' "$R/fid.txt"
 fi
 if has plot; then
-    $PY plot.py hero "$R/grids" figures/hero.png
-    $PY plot.py curve "$R/curve.txt" figures/repro/fid-vs-steps.png
+    mkdir -p "$FIG/repro"
+    $PY plot.py hero "$R/grids" "$FIG/hero.png"
+    $PY plot.py curve "$R/curve.txt" "$FIG/repro/fid-vs-steps.png"
 fi
