@@ -59,8 +59,6 @@ def open_run(args, method, rank=0):
     return path
 
 
-
-
 def save(path, obj):
     """Atomic: write a temporary file in the same folder, then rename it over the old checkpoint. A failed write
     removes its temporary file and says how much space the disk has left."""
