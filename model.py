@@ -82,10 +82,11 @@ class PositionalEmbedding(nn.Module):
     frequency scale 16 makes the tangent unstable, Fig. 4). Scaled by sqrt(2) to unit RMS, and computed in
     fp32 or wider even under autocast."""
 
-    def __init__(self, num_channels, max_positions=10000):
+    def __init__(self, num_channels, max_positions=10000, endpoint=False):
         super().__init__()
-        half = num_channels // 2
-        self.register_buffer('freqs', (1 / max_positions) ** (torch.arange(half, dtype=torch.float32) / half))
+        half = num_channels // 2                  # endpoint: the last frequency is 1 / max_positions (EDM's DDPM++)
+        self.register_buffer('freqs', (1 / max_positions) ** (torch.arange(half, dtype=torch.float32) /
+                                                              (half - endpoint)))
 
     def forward(self, c):
         x = c.to(_wide(c.dtype)).reshape(-1, 1) * self.freqs.to(_wide(c.dtype))
@@ -93,8 +94,8 @@ class PositionalEmbedding(nn.Module):
 
 
 def _affine(x, w, b=None):
-    """conv2d with 'same' padding and stride 1 for a 4-D weight, x @ w^T + b for a 2-D one."""
-    return nnf.conv2d(x, w, padding=w.shape[-1] // 2) if w.ndim == 4 else nnf.linear(x, w, b)
+    """conv2d (+ b) with 'same' padding and stride 1 for a 4-D weight, x @ w^T + b for a 2-D one."""
+    return nnf.conv2d(x, w, b, padding=w.shape[-1] // 2) if w.ndim == 4 else nnf.linear(x, w, b)
 
 
 class _Affine(torch.autograd.Function):
@@ -123,9 +124,9 @@ class _Affine(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad
         if w.ndim == 4:
             p = w.shape[-1] // 2
-            gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], 1,
-                                                            [need_x, need_w, False])
-            return gx, gw, None
+            gx, gw, gb = torch.ops.aten.convolution_backward(gy, x, w, [w.shape[0]] if need_b else None, [1, 1],
+                                                             [p, p], [1, 1], False, [0, 0], 1, [need_x, need_w, need_b])
+            return gx, gw, gb
         gy2 = gy.reshape(-1, gy.shape[-1])
         return (gy @ w if need_x else None, gy2.t() @ x.reshape(-1, x.shape[-1]) if need_w else None,
                 gy2.sum(0) if need_b else None)
@@ -137,15 +138,13 @@ class _Affine(torch.autograd.Function):
         if w_t is not None:
             y_t = y_t + _affine(x, w_t)
         if b_t is not None:
-            y_t = y_t + b_t
+            y_t = y_t + (b_t.reshape(-1, 1, 1) if w.ndim == 4 else b_t)
         return y_t
 
 
 def affine(x, w, b=None):
     """conv2d / linear through _Affine. Under autocast the inputs are cast here, as autocast would cast them for
     conv2d and linear, so that the forward, backward and JVP inside run in one dtype."""
-    if b is not None and w.ndim == 4:
-        raise ValueError('affine: a convolution here has no bias (MPConv has none)')
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
@@ -352,6 +351,150 @@ class UNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# DDPM++ (Song et al. 2021, as EDM's `SongUNet` in its CIFAR-10 configuration) with sCM's time conditioning: the
+# paper's CIFAR-10 network (App. G.1). Layout, widths, GroupNorm, skip scaling and initialization follow EDM; the
+# changes are c_noise(t) = t into the positional embedding, and ADN in place of DDPM++'s additive conditioning
+# silu(GN(x + W emb)): silu(GN(x) * pnorm(1 + scale) + pnorm(shift)), which adds one emb -> C map per block.
+
+
+def group_norm(x, gn):
+    """nn.GroupNorm `gn` computed in fp32 or wider (a bf16 GroupNorm breaks the JVP under autocast), on a contiguous
+    x (its forward-mode rule views the tangent, which fails for a strided one)."""
+    with torch.autocast(x.device.type, enabled=False):
+        y = nnf.group_norm(x.to(_wide(x.dtype)).contiguous(), gn.num_groups, gn.weight, gn.bias, gn.eps)
+    return y.to(x.dtype)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d ('same' padding, stride 1) through affine(): a cheaper JVP, and the bias in the layer's dtype."""
+
+    def forward(self, x):
+        return affine(x, self.weight, self.bias)
+
+
+def _init(layer, gain=1.0):
+    """EDM's DDPM++ initialization: xavier-uniform weights times `gain` (1e-5 for the layers EDM zero-inits,
+    sqrt(0.2) for attention's qkv), zero biases."""
+    nn.init.xavier_uniform_(layer.weight, gain=gain)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _gn(channels):
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)       # EDM's GroupNorm: >= 4 channels per group
+
+
+class DDPMppBlock(nn.Module):
+    """EDM's `UNetBlock` as DDPM++ configures it (one attention head, skip scale sqrt(1/2), 1x1 projection on
+    resampled skips), with ADN as its modulation."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, resample_mode='keep', attention=False, dropout=0.0):
+        super().__init__()
+        self.out_channels, self.resample_mode, self.attention, self.dropout = (out_channels, resample_mode,
+                                                                              attention, dropout)
+        self.norm0 = _gn(in_channels)
+        self.conv0 = _init(Conv2d(in_channels, out_channels, 3, padding=1))
+        self.affine = _init(Linear(emb_channels, 2 * out_channels))          # ADN: scale and shift
+        self.norm1 = _gn(out_channels)
+        self.conv1 = _init(Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
+        self.skip = None
+        if in_channels != out_channels or resample_mode != 'keep':
+            self.skip = _init(Conv2d(in_channels, out_channels, 1))
+        if attention:
+            self.norm2 = _gn(out_channels)
+            self.qkv = _init(Conv2d(out_channels, 3 * out_channels, 1), gain=math.sqrt(0.2))
+            self.proj = _init(Conv2d(out_channels, out_channels, 1), gain=1e-5)
+
+    def forward(self, x, emb):
+        orig = x
+        x = self.conv0(resample(nnf.silu(group_norm(x, self.norm0)), self.resample_mode))
+        with torch.autocast(x.device.type, enabled=False):                     # the modulation in fp32 (EDM2)
+            scale, shift = self.affine(emb).chunk(2, dim=1)
+            scale, shift = pnorm(1 + scale)[:, :, None, None], pnorm(shift)[:, :, None, None]
+        x = nnf.silu(group_norm(x, self.norm1) * scale.to(x.dtype) + shift.to(x.dtype))   # ADN (§4.1)
+        x = self.conv1(nnf.dropout(x, p=self.dropout, training=self.training))
+        skip = orig if self.skip is None else self.skip(resample(orig, self.resample_mode))
+        x = (x + skip) * math.sqrt(0.5)
+        if self.attention:
+            B, C, H, W = x.shape
+            q, k, v = self.qkv(group_norm(x, self.norm2)).reshape(B, 1, C, 3, H * W).transpose(2, 4).unbind(-2)
+            y = attention(q, k, v)                                              # [B, 1, HW, C]: one head
+            x = (self.proj(y.transpose(-1, -2).reshape(B, C, H, W)) + x) * math.sqrt(0.5)
+        return x
+
+
+class DDPMpp(nn.Module):
+    """DDPM++ as EDM's SongUNet CIFAR-10 configuration (`--arch=ddpmpp`: 128 x [2, 2, 2] channels, 4 blocks per
+    resolution, attention at 16x16, embedding 4 x 128) returning F(u, t, labels). sCM's CIFAR-10 teacher and students
+    (App. G.1). EDM's count without the augmentation input is 55,732,739 parameters; ADN's shift maps make ~60.1M."""
+
+    def __init__(self, img_resolution=32, img_channels=3, label_dim=0, model_channels=128, channel_mult=(2, 2, 2),
+                 channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.0, cfg_embed=False):
+        super().__init__()
+        if cfg_embed:
+            raise ValueError('DDPM++ has no input for the CFG scale (guided sCD): use the U-Net or the DiT')
+        levels = len(channel_mult)
+        if img_resolution % (1 << (levels - 1)):
+            raise ValueError(f'img_resolution {img_resolution} must be divisible by 2^{levels - 1} '
+                             f'for channel_mult of length {levels}')
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        cemb = model_channels * channel_mult_emb
+        self.emb_time = PositionalEmbedding(model_channels, endpoint=True)     # c_noise(t) = t, §4.1
+        self.emb_label = _init(Linear(label_dim, model_channels)) if label_dim else None
+        self.map0 = _init(Linear(model_channels, cemb))
+        self.map1 = _init(Linear(cemb, cemb))
+
+        def block(cin, cout, **kw):
+            return DDPMppBlock(cin, cout, cemb, dropout=dropout, **kw)
+
+        self.enc = nn.ModuleDict()
+        cout = model_channels
+        self.enc[f'{img_resolution}x{img_resolution}_conv'] = _init(Conv2d(img_channels, cout, 3, padding=1))
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level > 0:
+                self.enc[f'{res}x{res}_down'] = block(cout, cout, resample_mode='down')
+            for i in range(num_blocks):
+                self.enc[f'{res}x{res}_block{i}'] = block(cout, model_channels * mult, attention=res in attn_resolutions)
+                cout = model_channels * mult
+        skips = [b.out_channels for b in self.enc.values() if isinstance(b, DDPMppBlock)]
+        skips.insert(0, model_channels)
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == levels - 1:
+                self.dec[f'{res}x{res}_in0'] = block(cout, cout, attention=True)
+                self.dec[f'{res}x{res}_in1'] = block(cout, cout)
+            else:
+                self.dec[f'{res}x{res}_up'] = block(cout, cout, resample_mode='up')
+            for i in range(num_blocks + 1):
+                self.dec[f'{res}x{res}_block{i}'] = block(cout + skips.pop(), model_channels * mult,
+                                                          attention=i == num_blocks and res in attn_resolutions)
+                cout = model_channels * mult
+        self.out_norm = _gn(cout)
+        self.out_conv = _init(Conv2d(cout, img_channels, 3, padding=1), gain=1e-5)
+
+    def forward(self, u, t, labels=None, s=None):
+        with torch.autocast(u.device.type, enabled=False):                     # the embedding path in fp32 (EDM2)
+            t = t.to(_wide(t.dtype))
+            emb = self.emb_time(t)                                              # c_noise(t) = t, §4.1
+            if self.emb_label is not None:
+                labels = torch.full_like(t, -1, dtype=torch.long) if labels is None else labels
+                emb = emb + self.emb_label(one_hot(labels, self.label_dim).to(emb.dtype) * math.sqrt(self.label_dim))
+            emb = nnf.silu(self.map1(nnf.silu(self.map0(emb))))
+        x, skips = u, []
+        for name, blk in self.enc.items():
+            x = blk(x) if name.endswith('_conv') else blk(x, emb)
+            skips.append(x)
+        for name, blk in self.dec.items():
+            if '_block' in name:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = blk(x, emb)
+        return self.out_conv(nnf.silu(group_norm(x, self.out_norm)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # DiT (Peebles & Xie 2023) with sCM's time conditioning: positional embedding of raw t, ADN in adaLN.
 
 
@@ -498,10 +641,6 @@ UNET_PRESETS = {
     'img64-m':  dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels=256),
     'img64-l':  dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels=320),
     'img64-xl': dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels=384),
-    # CIFAR-10, unconditional. The paper uses DDPM++ (56M); this is DDPM++'s layout (128 channels x [2,2,2],
-    # 4 blocks, attention at 16) in EDM2 blocks, dropout in all layers as in §G.2.
-    'cifar10':  dict(img_resolution=32, img_channels=3, label_dim=0, model_channels=128, channel_mult=(2, 2, 2),
-                     num_blocks=4, attn_resolutions=(16,), dropout_res=32),
     # Small CPU presets: 28x28 grayscale (MNIST, Fashion-MNIST), 32x32 RGB (CIFAR-10) and a tiny net for the tests.
     'fashion':  dict(img_resolution=28, img_channels=1, label_dim=10, model_channels=32, channel_mult=(1, 2, 2),
                      num_blocks=2, attn_resolutions=(7,), channels_per_head=32, dropout_res=28),
@@ -511,6 +650,11 @@ UNET_PRESETS = {
                       num_blocks=1, attn_resolutions=(8,), channels_per_head=32, dropout_res=32),   # CPU, RGB
     'tiny':     dict(img_resolution=16, img_channels=1, label_dim=0, model_channels=8, channel_mult=(1, 2),
                      num_blocks=1, attn_resolutions=(8,), channels_per_head=8, dropout_res=16),
+}
+
+DDPMPP_PRESETS = {  # CIFAR-10, unconditional: the paper's DDPM++ (App. G.1) = EDM's `--arch=ddpmpp`, 60.1M with ADN
+    'cifar10': dict(img_resolution=32, img_channels=3, label_dim=0, model_channels=128, channel_mult=(2, 2, 2),
+                    num_blocks=4, attn_resolutions=(16,)),
 }
 
 DIT_PRESETS = {  # DiT Table 1; sCM itself uses the U-Net, the DiT is offered as an alternative backbone.
@@ -530,10 +674,10 @@ def project_weights_(net):
 
 
 def build(kwargs):
-    """A network from the keyword arguments a checkpoint stores ('arch': 'unet' or 'dit', then the constructor's)."""
+    """A network from the keyword arguments a checkpoint stores ('arch': 'unet', 'ddpmpp' or 'dit', then the
+    constructor's)."""
     kw = dict(kwargs)
-    arch = kw.pop('arch')
-    return UNet(**kw) if arch == 'unet' else DiT(**kw)
+    return dict(unet=UNet, ddpmpp=DDPMpp, dit=DiT)[kw.pop('arch')](**kw)
 
 
 def architecture(kwargs):

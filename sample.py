@@ -101,7 +101,7 @@ def data_info(ckpt):
     if 'data' in ckpt:
         return tuple(ckpt['data']['shape']), ckpt['data']['is_latent']
     kw = ckpt['model_kwargs']
-    C, R = (kw['img_channels'], kw['img_resolution']) if kw['arch'] == 'unet' else (kw['in_channels'], kw['input_size'])
+    C, R = (kw['in_channels'], kw['input_size']) if kw['arch'] == 'dit' else (kw['img_channels'], kw['img_resolution'])
     return (C, R, R), str(ckpt['config'].get('data', '')).endswith('.npy')
 
 

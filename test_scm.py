@@ -107,6 +107,17 @@ def tiny_dit(dtype=torch.float32, **kw):
                                 **model.DIT_PRESETS['DiT-tiny'], **kw)).to(dtype)
 
 
+def tiny_ddpmpp(dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    net = model.DDPMpp(**dict(dict(img_resolution=8, img_channels=2, label_dim=3, model_channels=8, channel_mult=(1, 2),
+                                   num_blocks=1, attn_resolutions=(4,)), **kw))
+    with torch.no_grad():   # EDM's near-zero (1e-5) layers at unit scale, so that they show in every test
+        for name, p in net.named_parameters():
+            if name.endswith(('conv1.weight', 'proj.weight', 'out_conv.weight')):
+                p.mul_(1e5)
+    return randomize_(net).to(dtype)
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -232,6 +243,12 @@ def test_jvp_dit_matches_finite_difference():
     assert err < 1e-3, err
 
 
+def test_jvp_ddpmpp_matches_finite_difference():
+    net = tiny_ddpmpp(torch.float64)
+    err = _fd_check(net, (2, 2, 8, 8), labels=torch.tensor([1, -1]))
+    assert err < 1e-3, err
+
+
 def test_affine_matches_pytorch_and_skips_the_weight_tangent():
     """model.affine (conv2d / linear with a hand-written JVP) against PyTorch's own ops: values, gradients and JVPs
     agree (gradcheck in fp64 checks both modes against finite differences, with and without a weight tangent), and
@@ -239,8 +256,9 @@ def test_affine_matches_pytorch_and_skips_the_weight_tangent():
     torch.manual_seed(0)
     for x, w, b in [(torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), None),
                     (torch.randn(2, 3, 5, 5), torch.randn(4, 3, 1, 1), None),
+                    (torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(4)),
                     (torch.randn(2, 7, 5), torch.randn(4, 5), torch.randn(4))]:
-        ref = (lambda x: torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)) if w.ndim == 4 else \
+        ref = (lambda x: torch.nn.functional.conv2d(x, w, b, padding=w.shape[-1] // 2)) if w.ndim == 4 else \
               (lambda x: torch.nn.functional.linear(x, w, b))
         v = torch.randn_like(x)
         y, y_t = torch.func.jvp(lambda x: model.affine(x, w, b), (x,), (v,))
@@ -248,7 +266,8 @@ def test_affine_matches_pytorch_and_skips_the_weight_tangent():
         assert (y - y_ref).abs().max() < 1e-5 and (y_t - y_t_ref).abs().max() < 1e-5
         args = [a.double().requires_grad_() for a in (x, w) + ((b,) if b is not None else ())]
         assert torch.autograd.gradcheck(lambda *a: model.affine(*a), args, check_forward_ad=True)
-        assert torch.autograd.gradcheck(lambda x: model.affine(x, args[1].detach()), (args[0],), check_forward_ad=True)
+        assert torch.autograd.gradcheck(lambda x: model.affine(x, args[1].detach(), b if b is None else b.double()),
+                                        (args[0],), check_forward_ad=True)
     x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
     with torch.profiler.profile() as prof, torch.no_grad():
         torch.func.jvp(lambda x: model.affine(x, w), (x,), (torch.randn_like(x),))
@@ -267,7 +286,7 @@ def test_attention_paths_agree():
     assert (primal - fused).abs().max() < 1e-5
     _, tangent_func = torch.func.jvp(lambda q: model.attention(q, k, v), (q,), (torch.ones_like(q),))
     assert torch.isfinite(tangent).all() and torch.isfinite(tangent_func).all()
-    for net, shape in [(tiny_unet(), (2, 1, 16, 16)), (tiny_dit(), (2, 2, 8, 8))]:
+    for net, shape in [(tiny_unet(), (2, 1, 16, 16)), (tiny_dit(), (2, 2, 8, 8)), (tiny_ddpmpp(), (2, 2, 8, 8))]:
         u, t = torch.randn(shape), torch.rand(2)
         plain = net(u, t)
         via_jvp, _ = torch.func.jvp(lambda u: net(u, t), (u,), (torch.randn_like(u),))
@@ -527,6 +546,24 @@ def test_dit_param_count_matches_dit_paper():
     assert abs(n / 675 - 1) < 0.01, n                                            # DiT-XL/2: 675M (DiT Table 4)
 
 
+def test_ddpmpp_is_edms_cifar10_network_plus_the_adn_shift():
+    """The cifar10 network is EDM's SongUNet `--arch=ddpmpp` (55,732,739 parameters without the augmentation input,
+    counted by instantiating EDM's training/networks.py) plus, per block, the emb -> C map of ADN's shift: the same
+    33 blocks, widths and layers. The layer EDM zero-inits leaves F ~ 0 at the start, as EDM's output."""
+    with torch.device('meta'):
+        net = model.build(dict(model.DDPMPP_PRESETS['cifar10'], arch='ddpmpp'))
+    blocks = [m for m in net.modules() if isinstance(m, model.DDPMppBlock)]
+    adn_shift = sum(b.affine.in_features * b.out_channels + b.out_channels for b in blocks)
+    n = sum(p.numel() for p in net.parameters())
+    assert len(blocks) == 33 and n - adn_shift == 55_732_739, (len(blocks), n, adn_shift)
+    print(f'DDPM++ (cifar10): {n / 1e6:.2f}M parameters; EDM\'s DDPM++ {55_732_739 / 1e6:.2f}M (+0.001M augment input)')
+    torch.manual_seed(0)
+    small = model.DDPMpp(model_channels=16, num_blocks=1)
+    assert small(torch.randn(2, 3, 32, 32), torch.rand(2)).abs().max() < 1e-2
+    with pytest.raises(ValueError, match='CFG'):
+        model.DDPMpp(cfg_embed=True)
+
+
 def test_cfg_input_starts_as_the_teacher():
     """A student with the CFG-scale input, loaded from a teacher without it, computes the teacher's F exactly."""
     teacher = tiny_unet(label_dim=4)
@@ -576,18 +613,22 @@ def test_bad_shapes_are_refused():
         model.DiT(input_size=30, patch_size=4)
 
 
-@pytest.mark.parametrize('make,shape', [(tiny_unet, (2, 1, 16, 16)), (tiny_dit, (2, 2, 8, 8))])
+@pytest.mark.parametrize('make,shape', [(tiny_unet, (2, 1, 16, 16)), (tiny_dit, (2, 2, 8, 8)),
+                                        (tiny_ddpmpp, (2, 2, 8, 8))])
 def test_embedding_and_modulation_stay_fp32_under_autocast(make, shape):
     """EDM2 keeps c_noise, the embedding and the per-block modulation in fp32 while the body runs in bf16/fp16."""
-    net = make(label_dim=3, cfg_embed=True) if make is tiny_unet else make(cfg_embed=True)
+    net = make(label_dim=3, cfg_embed=True) if make is tiny_unet else make() if make is tiny_ddpmpp else \
+        make(cfg_embed=True)
     seen = {}
     for name, m in net.named_modules():
-        if name.endswith(('emb_noise', 'emb_linear', 'modulation', 'time_mlp', 'conv_res0', 'qkv')):
+        if name.endswith(('emb_noise', 'emb_linear', 'modulation', 'time_mlp', 'conv_res0', 'qkv', 'map1', 'affine',
+                          'conv0')):
             m.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name.split('.')[-1], set()).add(o.dtype))
     with torch.autocast('cpu', dtype=torch.bfloat16):
         net(torch.randn(shape), torch.rand(shape[0]), torch.tensor([0, 1]), torch.full((shape[0],), 1.5))
-    fp32 = {'emb_noise', 'emb_linear'} if make is tiny_unet else {'modulation', 'time_mlp'}
-    body = 'conv_res0' if make is tiny_unet else 'qkv'
+    fp32 = {tiny_unet: {'emb_noise', 'emb_linear'}, tiny_dit: {'modulation', 'time_mlp'},
+            tiny_ddpmpp: {'map1', 'affine'}}[make]
+    body = {tiny_unet: 'conv_res0', tiny_dit: 'qkv', tiny_ddpmpp: 'conv0'}[make]
     assert all(seen[k] == {torch.float32} for k in fp32), seen
     assert seen[body] == {torch.bfloat16}, seen                                 # so the test can tell
 
@@ -608,7 +649,8 @@ def test_teacher_dropout_in_every_block_students_at_low_resolution(monkeypatch):
 
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason='needs CUDA (run gpu_check.sh on a GPU machine)'))])
-@pytest.mark.parametrize('make,shape', [(tiny_unet, (4, 1, 16, 16)), (tiny_dit, (4, 2, 8, 8))])
+@pytest.mark.parametrize('make,shape', [(tiny_unet, (4, 1, 16, 16)), (tiny_dit, (4, 2, 8, 8)),
+                                        (tiny_ddpmpp, (4, 2, 8, 8))])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_low_precision_autocast_jvp(make, shape, dtype, device):
     """The sCM tangent under bf16/fp16 autocast is finite at both ends of [0, pi/2] (where 1/sin or 1/cos would

@@ -18,7 +18,7 @@ def add_common_args(p):
     a('--resume', action='store_true', help='continue the run in --out from its checkpoint.pt')
     a('--data', help='fashion-mnist, mnist, cifar10, an image folder, a .zip of images or a .npy of latents')
     a('--data-dir', help='folder of the named datasets (default $SCM_DATA, else ~/.cache/scm)')
-    a('--model', help='network: a name in model.UNET_PRESETS or model.DIT_PRESETS')
+    a('--model', help='network: a name in model.UNET_PRESETS, DDPMPP_PRESETS or DIT_PRESETS')
     a('--batch', type=int, help='global batch size')
     a('--batch-gpu', type=int, help='per-process micro-batch; the rest of the batch is gradient accumulation')
     a('--steps', type=int, help='training iterations')

@@ -98,15 +98,16 @@ def model_kwargs_for(args, dataset, dropout_everywhere=False):
     dropout_everywhere: dropout in every U-Net block, as EDM2's (the teachers are EDM2 config G, sCM App. G.1);
     else the preset's dropout_res (consistency models: resolutions <= 16 on ImageNet, App. G.2)."""
     C, H, W = dataset.shape
-    if args.model in model.UNET_PRESETS:
-        kw = dict(model.UNET_PRESETS[args.model], arch='unet')
+    if args.model in model.UNET_PRESETS or args.model in model.DDPMPP_PRESETS:
+        arch = 'unet' if args.model in model.UNET_PRESETS else 'ddpmpp'
+        kw = dict(model.UNET_PRESETS.get(args.model) or model.DDPMPP_PRESETS[args.model], arch=arch)
         want = (kw['img_channels'], kw['img_resolution'], kw['img_resolution'])
     elif args.model in model.DIT_PRESETS:
         kw = dict(model.DIT_PRESETS[args.model], arch='dit', input_size=H, in_channels=C, patch_size=2,
                   label_dim=dataset.num_classes)
         want = (C, H, W)
     else:
-        raise UserError(f'--model {args.model!r} is not in model.UNET_PRESETS or model.DIT_PRESETS')
+        raise UserError(f'--model {args.model!r} is not in model.UNET_PRESETS, DDPMPP_PRESETS or DIT_PRESETS')
     if tuple(dataset.shape) != want:
         raise UserError(f'{dataset.name} has items of shape {"x".join(map(str, dataset.shape))} (CxHxW) but model '
                         f'{args.model!r} expects {"x".join(map(str, want))}; pick a matching --model/--preset')
