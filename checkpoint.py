@@ -156,7 +156,7 @@ def run_state(step, method, args, model_kwargs, dataset, net, ema, wnet, opt, sc
         window['sums'] = dict(zip(window['sums'], (vec / world).tolist()))
     return dict(method=method, step=step, config=run_config(args), model_kwargs=model_kwargs,
                 data=dict(name=dataset.name, shape=tuple(dataset.shape), is_latent=dataset.is_latent,
-                          num_classes=dataset.num_classes),
+                          num_classes=dataset.num_classes, latents=getattr(dataset, 'latent_stats', None)),
                 net=net.state_dict(), ema=ema.state_dict(), wnet=wnet.state_dict(), opt=opt.state_dict(),
                 scaler=scaler.state_dict(), sampling=sampling_defaults(args),
                 log_window=dict(sums={k: float(v) for k, v in window['sums'].items()}, n=window['n']))

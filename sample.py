@@ -173,17 +173,13 @@ def image_batches(net, ckpt, indices, args, device, desc='sampling', progress=Tr
 
 
 def to_images(x, ckpt):
-    """Network space -> pixels in [-1, 1]. SD-VAE latents are un-normalized and decoded (needs diffusers)."""
+    """Network space -> pixels in [-1, 1]. Latents are un-normalized and decoded by the VAE they were encoded with
+    (latents.py; needs diffusers)."""
     if not data_info(ckpt)[1]:
         return x.clamp(-1, 1)
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        raise tu.UserError('this model generates SD-VAE latents; `pip install diffusers` to decode them '
-                                 '(stabilityai/sd-vae-ft-mse), or pass --npz to save the raw latents') from None
-    vae = getattr(to_images, 'vae', None) or AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-mse').to(x.device)
-    to_images.vae = vae
-    return vae.decode(data.denormalize_latents(x.float())).sample.clamp(-1, 1)
+    import latents                                                # noqa: PLC0415 - diffusers only where needed
+    stats = ckpt.get('data', {}).get('latents') or dict(vae=data.PAPER_VAE, mean=data.LATENT_MEAN, std=data.LATENT_STD)
+    return latents.decode(x, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,17 +217,17 @@ def main():
     if not (args.grid or args.npz):
         raise tu.UserError('nothing to write: pass --grid PNG and/or --npz FILE')
     mine = list(range(rank, args.num, world))                     # this rank's images: i = rank, rank + world, ...
-    C, H, W = data_info(ckpt)[0]
     parts = list(image_batches(net, ckpt, mine, args, device, progress=rank == 0))
-    mine_images = np.concatenate(parts) if parts else np.zeros((0, H, W, C), np.uint8)
+    mine_images = np.concatenate(parts) if parts else None               # pixels: a latent model's are decoded
     gathered = [mine_images]
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, mine_images)
     if rank == 0:
-        images = np.zeros((args.num, H, W, C), np.uint8)
+        images = np.zeros((args.num, *gathered[0].shape[1:]), np.uint8)
         for r, part in enumerate(gathered):
-            images[r::world] = part
+            if part is not None:
+                images[r::world] = part
         if args.npz:
             tmp = args.npz + '.tmp.npz'                            # np.savez adds .npz to other names
             try:

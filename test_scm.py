@@ -862,7 +862,8 @@ def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
 def test_nonfinite_loss_stops_and_names_the_term(tmp_path):
     """A NaN in the data reaches the loss: the run stops at that step (counted from 1, as the log counts), names the
     term and the data as the cause, exits 3. With --on-nonfinite skip it skips every step and still checkpoints."""
-    lat = torch.randn(16, 4, 8, 8).numpy()
+    lat = (torch.randn(16, 4, 8, 8) * torch.tensor(data.LATENT_STD).view(4, 1, 1) +     # SD-VAE-like raw latents
+           torch.tensor(data.LATENT_MEAN).view(4, 1, 1)).numpy()
     lat[3, 0, 0, 0] = float('nan')
     np.save(tmp_path / 'lat.npy', lat)
     common = ['--preset', 'fashion-s', '--data', tmp_path / 'lat.npy', '--model', 'DiT-tiny', '--batch', 16,
@@ -1131,6 +1132,119 @@ def test_data_latents(tmp_path):
     np.save(tmp_path / 'bad.npy', np.zeros((2, 3, 4, 4), np.float32))
     with pytest.raises(data.DataError, match='4 channels'):
         data.load_dataset(str(tmp_path / 'bad.npy'))
+
+
+def test_latents_of_another_encoding_are_refused(tmp_path):
+    """The loader's scale check: raw latents whose normalized per-channel mean or std is off from (0, sigma_d) --
+    here shifted as [0, 1] pixels shift them (EDM2's tool), or not SD-VAE-like at all -- get one clear line."""
+    mean = torch.tensor(data.LATENT_MEAN).view(1, 4, 1, 1)
+    std = torch.tensor(data.LATENT_STD).view(1, 4, 1, 1)
+    torch.manual_seed(0)
+    for name, z in [('shifted', torch.randn(64, 4, 4, 4) * std + mean + 0.8 * std),
+                    ('unit', torch.randn(64, 4, 4, 4))]:
+        np.save(tmp_path / f'{name}.npy', z.numpy())
+        with pytest.raises(data.DataError, match=r'mean \[.*encoded another way.*latents.py encode'):
+            data.load_dataset(str(tmp_path / f'{name}.npy'))
+    np.save(tmp_path / 'post.npy', torch.randn(4, 8, 4, 4).numpy())           # 8 channels need latents.py's .json
+    with pytest.raises(data.DataError, match='4 channels'):
+        data.load_dataset(str(tmp_path / 'post.npy'))
+    (tmp_path / 'post.json').write_text('{"vae": "x"}')
+    with pytest.raises(data.DataError, match='post.json'):
+        data.load_dataset(str(tmp_path / 'post.npy'))
+
+
+def test_center_crop_is_adms():
+    """data.center_crop (ADM / EDM2's ImageNet preprocessing): box-halving while the short side is >= 2x, bicubic to
+    the size, the central square. A 64x32 image whose middle half is blue becomes all blue at 16x16."""
+    a = np.zeros((32, 64, 3), np.uint8)
+    a[:, :16] = a[:, 48:] = (255, 0, 0)
+    a[:, 16:48] = (0, 0, 255)
+    out = data.center_crop(Image.fromarray(a), 16)
+    assert out.size == (16, 16) and (np.asarray(out) == (0, 0, 255)).all()
+    assert data.center_crop(Image.new('RGB', (30, 50)), 16).size == (16, 16)
+
+
+@pytest.fixture(scope='module')
+def tiny_vae(tmp_path_factory):
+    """A randomly initialized diffusers AutoencoderKL built from a config (no download), saved as a local folder."""
+    diffusers = pytest.importorskip('diffusers', reason='the SD-VAE pipeline needs diffusers (README: test install)')
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
+                                  up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(8, 16),
+                                  latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16)
+    path = tmp_path_factory.mktemp('vae')
+    vae.save_pretrained(path)
+    return path, vae.eval()
+
+
+def test_the_papers_vae_loads_by_name_where_the_hub_is_reachable():
+    """stabilityai/sd-vae-ft-mse by name (downloads ~335 MB once): 8x downsampling to 4 channels, and a smooth image
+    comes back from its posterior mean. Skipped offline (this CI) after one DNS lookup."""
+    pytest.importorskip('diffusers', reason='the SD-VAE pipeline needs diffusers (README: test install)')
+    import socket
+    import latents
+    try:
+        socket.getaddrinfo('huggingface.co', 443)
+    except OSError:
+        pytest.skip('huggingface.co is not reachable from here: the real SD-VAE is not loaded')
+    vae = latents.load_vae(data.PAPER_VAE, 'cpu')
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing='ij')
+    x = torch.stack([xx, yy, xx * yy])[None] * 0.8
+    with torch.no_grad():
+        post = vae.encode(x).latent_dist
+        back = vae.decode(post.mean).sample
+    assert post.mean.shape == (1, 4, 8, 8) and rel(back, x) < 0.2
+
+
+def test_latent_pipeline_round_trip(tiny_vae, tmp_path):
+    """encode (center crop, [-1, 1], the VAE's posterior) -> load (normalized posterior samples, std 0.5) -> train a
+    teacher 2 steps -> sample.py decodes to RGB images with the same VAE; latents.py decode writes a grid."""
+    vae_dir, vae = tiny_vae
+    folder = tmp_path / 'imgs'
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(20, 24), (40, 32), (16, 16), (33, 17), (24, 24), (50, 20)]):
+        (folder / 'ab'[i // 3]).mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        if i == 0:
+            img = Image.new('RGB', (w, h), (200, 30, 90))                      # uniform: its crop is known
+        if i == 4:
+            img = img.convert('L')                                              # grayscale is read as RGB
+        img.save(folder / 'ab'[i // 3] / f'{i}.png')
+    out = tmp_path / 'lat.npy'
+    run_script('latents.py', 'encode', folder, '--out', out, '--resolution', 16, '--vae', vae_dir, '--batch', 4,
+               '--workers', 0)
+    assert sorted(os.listdir(tmp_path)) == ['imgs', 'lat.json', 'lat.labels.npy', 'lat.npy']   # no temporary files
+    z = np.load(out)
+    meta = json.loads((tmp_path / 'lat.json').read_text())
+    assert z.shape == (6, 8, 8, 8) and np.load(tmp_path / 'lat.labels.npy').tolist() == [0, 0, 0, 1, 1, 1]
+    assert meta['pixels'] == '[-1, 1]' and meta['stats'] == 'measured while encoding'
+    with torch.no_grad():                                                       # the uniform image, encoded here
+        x = (torch.tensor([200, 30, 90], dtype=torch.float32) / 127.5 - 1).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+        post = vae.encode(x).latent_dist
+    assert np.abs(z[0, :4] - post.mean[0].numpy()).max() < 1e-4 and np.abs(z[0, 4:] - post.std[0].numpy()).max() < 1e-4
+
+    ds = data.load_dataset(str(out))
+    assert ds.is_latent and ds.shape == (4, 8, 8) and ds.num_classes == 2
+    assert torch.equal(ds.get_batch(range(6), seed=1)[0], ds.get_batch(range(6), seed=1)[0])
+    assert not torch.equal(ds.get_batch(range(6), seed=1)[0], ds.get_batch(range(6), seed=2)[0])
+    draws = ds.get_batch([1] * 4000, seed=3)[0]                                 # one posterior, many samples
+    m, s = torch.tensor(meta['mean']).view(4, 1, 1), torch.tensor(meta['std']).view(4, 1, 1)
+    zm, zs = torch.from_numpy(z[1, :4]), torch.from_numpy(z[1, 4:])
+    assert (draws.mean(0) - (zm - m) * 0.5 / s).abs().max() < 0.1 * (zs * 0.5 / s).max()
+    assert rel(draws.std(0), zs * 0.5 / s) < 0.05
+    assert torch.allclose(ds.get_batch(list(range(6)) * 100, seed=4)[0].std((0, 2, 3)),
+                          torch.full((4,), 0.5), atol=0.1)
+
+    run = tmp_path / 'run'
+    run_script('train_teacher.py', '--preset', 'fashion-s', '--data', out, '--model', 'DiT-tiny', '--batch', 6,
+               '--steps', 2, '--sample-every', 0, '--out', run)
+    assert _ckpt(run / 'checkpoint.pt')['data']['latents']['vae'] == str(vae_dir)
+    run_script('sample.py', run / 'checkpoint.pt', '-n', 3, '--heun-steps', 2, '--npz', tmp_path / 's.npz',
+               '--grid', tmp_path / 's.png')
+    samples = np.load(tmp_path / 's.npz')['samples']
+    assert samples.shape == (3, 16, 16, 3) and samples.dtype == np.uint8 and samples.std() > 0
+    run_script('latents.py', 'decode', out, '--grid', tmp_path / 'd.png', '-n', 6)
+    assert Image.open(tmp_path / 'd.png').mode == 'RGB'
 
 
 def test_data_save_grid_round_trip(tmp_path):

@@ -153,7 +153,13 @@ class _Batches(torch.utils.data.Dataset):
         return 1 << 62
 
     def __getitem__(self, m):
-        return self.dataset.get_batch(batch_indices(len(self.dataset), *self.args, m).tolist())
+        return get_micro_batch(self.dataset, *self.args, m)
+
+
+def get_micro_batch(dataset, batch_gpu, rank, world, seed, micro):
+    """Global micro-batch number `micro`, this rank's share; a latent posterior's noise is seeded by it as well."""
+    idx = batch_indices(len(dataset), batch_gpu, rank, world, seed, micro).tolist()
+    return dataset.get_batch(idx, seed=step_seed(seed, micro, -1, rank))
 
 
 def data_stream(dataset, batch_gpu, rank, world, seed, start_micro, workers):
@@ -161,7 +167,7 @@ def data_stream(dataset, batch_gpu, rank, world, seed, start_micro, workers):
     if workers == 0:
         m = start_micro
         while True:
-            yield dataset.get_batch(batch_indices(len(dataset), batch_gpu, rank, world, seed, m).tolist())
+            yield get_micro_batch(dataset, batch_gpu, rank, world, seed, m)
             m += 1
     loader = torch.utils.data.DataLoader(_Batches(dataset, batch_gpu, rank, world, seed), batch_size=None,
                                          sampler=range(start_micro, 1 << 62), num_workers=workers,
