@@ -1236,8 +1236,12 @@ def test_latent_pipeline_round_trip(tiny_vae, tmp_path):
                           torch.full((4,), 0.5), atol=0.1)
 
     run = tmp_path / 'run'
-    run_script('train_teacher.py', '--preset', 'fashion-s', '--data', out, '--model', 'DiT-tiny', '--batch', 6,
-               '--steps', 2, '--sample-every', 0, '--out', run)
+    common = ['--preset', 'fashion-s', '--data', out, '--model', 'DiT-tiny', '--batch', 6, '--sample-every', 0]
+    whole = run_script('train_teacher.py', *common, '--steps', 2, '--out', run).stdout
+    run_script('train_teacher.py', *common, '--steps', 1, '--out', tmp_path / 'r2')
+    resumed = run_script('train_teacher.py', *common, '--steps', 2, '--out', tmp_path / 'r2', '--resume').stdout
+    sha = lambda out: out[out.index('weights sha256'):].split()[2]
+    assert sha(whole) == sha(resumed)                           # the posterior draws repeat on resume
     assert _ckpt(run / 'checkpoint.pt')['data']['latents']['vae'] == str(vae_dir)
     run_script('sample.py', run / 'checkpoint.pt', '-n', 3, '--heun-steps', 2, '--npz', tmp_path / 's.npz',
                '--grid', tmp_path / 's.png')
@@ -1245,6 +1249,15 @@ def test_latent_pipeline_round_trip(tiny_vae, tmp_path):
     assert samples.shape == (3, 16, 16, 3) and samples.dtype == np.uint8 and samples.std() > 0
     run_script('latents.py', 'decode', out, '--grid', tmp_path / 'd.png', '-n', 6)
     assert Image.open(tmp_path / 'd.png').mode == 'RGB'
+    for args, match in [(['encode', tmp_path / 'nothing', '--out', tmp_path / 'x.npy'], 'not a dataset name'),
+                        (['encode', folder, '--out', tmp_path / 'x.bin'], 'must end in .npy'),
+                        (['encode', folder, '--out', tmp_path / 'x.npy', '--resolution', 12], 'multiple of 8'),
+                        (['encode', out, '--out', tmp_path / 'x.npy'], 'image folder or a .zip'),
+                        (['decode', folder, '--grid', tmp_path / 'x.png'], 'not a .npy of latents')]:
+        p = run_script('latents.py', *args, check=False)
+        assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith('error:') and match in p.stderr, \
+            (args, p.stderr[-500:])
+    assert not (tmp_path / 'x.npy').exists()
 
 
 def test_data_save_grid_round_trip(tmp_path):
