@@ -14,7 +14,8 @@ The pipeline, as the paper describes it where it does and as EDM2's dataset tool
 The paper is silent on whether training uses the posterior mean or samples; like EDM2, the loader draws a fresh
 sample mean + std * eps for every batch (seeded by the step, so resume stays exact). Normalization is
 (z - mean_c) * sigma_d / std_c with the paper's statistics for sd-vae-ft-mse; any other VAE (the tests' tiny one) gets
-the statistics measured while encoding. Writes are atomic: an interrupted encode leaves the old files, or none.
+the statistics measured while encoding. Each file is written to a temporary name and renamed when complete, so an
+interrupted encode leaves no partial file (the .json, which the loader reads first, is written last).
 """
 import argparse
 import json
@@ -85,7 +86,8 @@ def encode(args):
             post = vae.encode(x.to(device)).latent_dist               # x in [-1, 1] (App. G.1)
             mean, std = post.mean.float(), post.std.float()
             if out is None:
-                out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=(len(ds), 8, *map(int, mean.shape[2:])))
+                shape = (len(ds), 8, *map(int, mean.shape[2:]))
+                out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=shape)
             out[i:i + len(x)] = torch.cat([mean, std], dim=1).cpu().numpy()
             i += len(x)
             s1 = s1 + mean.double().sum((0, 2, 3))
@@ -105,6 +107,8 @@ def encode(args):
                     stats='sCM App. G.1' if paper else 'measured while encoding', measured=measured)
         if ds.num_classes:
             _save_npy(stem + '.labels.npy', ds.labels.numpy())
+        elif os.path.exists(stem + '.labels.npy'):
+            os.remove(stem + '.labels.npy')                           # an older encoding's labels
         os.replace(tmp, args.out)
         with open(stem + '.json.tmp', 'w') as f:
             json.dump(meta, f, indent=1)

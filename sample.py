@@ -207,6 +207,8 @@ def main():
     for path in (args.grid, args.npz):
         check_output(path)
     if args.edit:
+        if data_info(ckpt)[1]:
+            raise tu.UserError('the zero-shot edits work on pixels; this model generates SD-VAE latents')
         if ckpt['model_kwargs'].get('label_dim') and args.label is None:
             raise tu.UserError(f'this model is class-conditional ({ckpt["model_kwargs"]["label_dim"]} classes): '
                                f'pass --label K for the class of the edited image')

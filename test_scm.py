@@ -1247,6 +1247,8 @@ def test_latent_pipeline_round_trip(tiny_vae, tmp_path):
                '--grid', tmp_path / 's.png')
     samples = np.load(tmp_path / 's.npz')['samples']
     assert samples.shape == (3, 16, 16, 3) and samples.dtype == np.uint8 and samples.std() > 0
+    p = run_script('sample.py', run / 'checkpoint.pt', '--edit', 'interpolate', '--label', 0, check=False)
+    assert p.returncode == 2 and 'edits work on pixels' in p.stderr
     run_script('latents.py', 'decode', out, '--grid', tmp_path / 'd.png', '-n', 6)
     assert Image.open(tmp_path / 'd.png').mode == 'RGB'
     for args, match in [(['encode', tmp_path / 'nothing', '--out', tmp_path / 'x.npy'], 'not a dataset name'),
