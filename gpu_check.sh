@@ -2,7 +2,8 @@
 # The GPU check: the CUDA tests (bf16/fp16 tangents at T_MIN and T_MAX against fp32, fused attention without a tangent
 # and the math path under the JVP, a torchrun process on NCCL), then one table: diffusion / sCT / sCD step time,
 # images/s and peak memory of sCM's S U-Net (280M) on random 64x64x4 latents in bf16 at the largest power-of-two
-# batch that fits, and 1- and 2-step sampling against Heun with 35 NFE. About 5 minutes on one H100 (budget 8).
+# batch that fits, and 1- and 2-step sampling against Heun with 35 NFE. Not yet run on a GPU; its timeouts (180 s +
+# 300 s) keep it within 8 minutes.
 #
 #   bash gpu_check.sh            # needs a CUDA build of torch and one GPU; prints the card, the tests, the table
 set -euo pipefail
