@@ -77,15 +77,19 @@ if has table; then
     row teacher-heun35 35 "$T" --heun-steps 18
     grep -q "^teacher-heun35-seed1 " "$R/fid.txt" 2>/dev/null || \
         echo "teacher-heun35-seed1 35 $(fid_of "$T" "$NUM" --heun-steps 18 --seed 1)" >> "$R/fid.txt"   # the noise
+    grep -q "^curve-scd-2step-seed1 " "$R/fid.txt" 2>/dev/null || \
+        echo "curve-scd-2step-seed1 2 $(fid_of "$R/scd/checkpoint.pt" "$CURVE_NUM" --steps 2 --seed 1)" >> "$R/fid.txt"   # the curve's
     for m in scd sct dscd1024 dscd64; do
         row "$m-1step" 1 "$R/$m/checkpoint.pt" --steps 1
         row "$m-2step" 2 "$R/$m/checkpoint.pt" --steps 2
     done
     echo "FID against the first $NUM Fashion-MNIST training images, $NUM samples each ($PRESET, $CM_STEPS CM steps):"
     column -t "$R/fid.txt"
-    awk '{f[$1] = $3} END {t = f["teacher-heun35"]
+    c0=$(awk -v s="$CM_STEPS" '$1 == "scd" && $2 == s && $3 == 2 {print $4}' "$R/curve.txt")
+    awk -v c0="$c0" -v cn="$CURVE_NUM" '{f[$1] = $3} END {t = f["teacher-heun35"]
          printf "FID(sCD 2-step)/FID(teacher) = %.3f (goal <= 1.10); FID(sCT 2-step)/FID(teacher) = %.3f (goal <= 1.15)\n", f["scd-2step"] / t, f["sct-2step"] / t
-         printf "FID(sCD 2-step) - FID(dsCD 2-step): N = 1024 %.2f, N = 64 %.2f (goal < 0); teacher seed 0 vs 1: %.2f\n", f["scd-2step"] - f["dscd1024-2step"], f["scd-2step"] - f["dscd64-2step"], f["teacher-heun35"] - f["teacher-heun35-seed1"]}' "$R/fid.txt"
+         printf "FID(sCD 2-step) - FID(dsCD 2-step): N = 1024 %.2f, N = 64 %.2f (goal < 0); teacher seed 0 vs 1: %.2f\n", f["scd-2step"] - f["dscd1024-2step"], f["scd-2step"] - f["dscd64-2step"], f["teacher-heun35"] - f["teacher-heun35-seed1"]
+         printf "noise of the curve (%d samples): sCD 2-step at the last step, seed 0 vs 1: %.2f\n", cn, c0 - f["curve-scd-2step-seed1"]}' "$R/fid.txt"
 fi
 if has plot; then
     mkdir -p "$FIG/repro"
