@@ -5,12 +5,13 @@
 # stopped and a finished stage is skipped, so run it again after an interruption, in as many sittings as it takes.
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 CPU hours on 2 cores (README)
-#   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, plot)
+#   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
 #
 # Writes runs/repro-$PRESET/: {teacher,scd,sct,dscd1024,dscd64}/ (checkpoints, logs, grids), ref-train-$NUM.npz,
 # curve.txt ("<method> <step> <NFE> <FID with CURVE_NUM samples>"), fid.txt ("<row> <NFE> <FID with NUM samples>"),
-# grids/*.png; then figures/repro/fid-vs-steps.png (needs matplotlib) and the table it prints.
+# tmid.txt ("<t> <FID>": the final sCD's 2 steps through t, CURVE_NUM samples), grids/*.png; then
+# figures/repro/fid-vs-steps.png (needs matplotlib) and the table it prints.
 # Datasets come from $SCM_DATA (or are downloaded to ~/.cache/scm and checked).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,7 +21,7 @@ CURVE_NUM=${CURVE_NUM:-500}          # samples per FID of the curve (noisier: th
 CM_STEPS=${CM_STEPS:-3000}           # sCD, sCT and both dsCD train this many steps (the same budget)
 EVERY=${EVERY:-500}                  # a curve point every EVERY steps
 TEACHER_STEPS=${TEACHER_STEPS:-}     # empty: the preset's step count
-STAGES=${STAGES:-teacher scd sct dscd1024 dscd64 table plot}
+STAGES=${STAGES:-teacher scd sct dscd1024 dscd64 table tmid plot}
 PY=${PY:-python}
 R=${R:-runs/repro-$PRESET}       # the run folder (override for a smoke run)
 FIG=${FIG:-figures}              # where the plot stage writes hero.png and repro/fid-vs-steps.png
@@ -42,24 +43,27 @@ fid_of() {  # fid_of <checkpoint> <num> [sampler flags...] -> prints the FID
     local ckpt=$1 num=$2; shift 2
     $PY fid.py checkpoint "$ckpt" --ref "$REF" -n "$num" "$@" | tail -1
 }
+put() {  # put <file> <key> <checkpoint> <num> [sampler flags...]: append "<key> <FID>" unless <file> has <key> yet
+    local file=$1 key=$2 v; shift 2
+    grep -q "^$key " "$file" 2>/dev/null && return 0
+    v=$(fid_of "$@")                 # a failed FID stops the script here instead of writing an empty line
+    echo "$key $v" >> "$file"
+}
 
 if has teacher; then
     train train_teacher.py "$R/teacher" "${TEACHER_STEPS:-$($PY -c "import train_teacher as t; print(t.PRESETS['$PRESET']['steps'])")}"
 fi
 [ -f "$REF" ] || $PY fid.py stats fashion-mnist --split train -n "$NUM" --out "$REF"
 grep -q "^teacher " "$R/curve.txt" 2>/dev/null || \
-    echo "teacher $(step_of "$T") 35 $(fid_of "$T" "$CURVE_NUM" --heun-steps 18)" >> "$R/curve.txt"   # the curve's line
+    put "$R/curve.txt" "teacher $(step_of "$T") 35" "$T" "$CURVE_NUM" --heun-steps 18   # the curve's line
 
 cm() {  # cm <name> <script> [flags...]: train in chunks of EVERY steps; after each, two curve points
     local name=$1 script=$2; shift 2
     local s=$EVERY
     while [ "$s" -le "$CM_STEPS" ]; do
         train "$script" "$R/$name" "$s" --teacher "$T" "$@"
-        for k in 1 2; do
-            if ! grep -q "^$name $s $k " "$R/curve.txt" 2>/dev/null; then
-                echo "$name $s $k $(fid_of "$R/$name/checkpoint.pt" "$CURVE_NUM" --steps $k)" >> "$R/curve.txt"
-            fi
-        done
+        put "$R/curve.txt" "$name $s 1" "$R/$name/checkpoint.pt" "$CURVE_NUM" --steps 1
+        put "$R/curve.txt" "$name $s 2" "$R/$name/checkpoint.pt" "$CURVE_NUM" --steps 2
         s=$((s + EVERY))
     done
 }
@@ -70,15 +74,13 @@ has dscd64 && cm dscd64 train_scd.py --discrete 64
 
 row() {  # row <name> <NFE> <checkpoint> [sampler flags...]: one line of the final table, and its grid
     local name=$1 nfe=$2 ckpt=$3; shift 3
-    grep -q "^$name " "$R/fid.txt" 2>/dev/null || echo "$name $nfe $(fid_of "$ckpt" "$NUM" "$@")" >> "$R/fid.txt"
+    put "$R/fid.txt" "$name $nfe" "$ckpt" "$NUM" "$@"
     [ -f "$R/grids/$name.png" ] || $PY sample.py "$ckpt" --grid "$R/grids/$name.png" -n 64 "$@" > /dev/null
 }
 if has table; then
     row teacher-heun35 35 "$T" --heun-steps 18
-    grep -q "^teacher-heun35-seed1 " "$R/fid.txt" 2>/dev/null || \
-        echo "teacher-heun35-seed1 35 $(fid_of "$T" "$NUM" --heun-steps 18 --seed 1)" >> "$R/fid.txt"   # the noise
-    grep -q "^curve-scd-2step-seed1 " "$R/fid.txt" 2>/dev/null || \
-        echo "curve-scd-2step-seed1 2 $(fid_of "$R/scd/checkpoint.pt" "$CURVE_NUM" --steps 2 --seed 1)" >> "$R/fid.txt"   # the curve's
+    put "$R/fid.txt" "teacher-heun35-seed1 35" "$T" "$NUM" --heun-steps 18 --seed 1                  # the noise
+    put "$R/fid.txt" "curve-scd-2step-seed1 2" "$R/scd/checkpoint.pt" "$CURVE_NUM" --steps 2 --seed 1   # the curve's
     for m in scd sct dscd1024 dscd64; do
         row "$m-1step" 1 "$R/$m/checkpoint.pt" --steps 1
         row "$m-2step" 2 "$R/$m/checkpoint.pt" --steps 2
@@ -90,6 +92,16 @@ if has table; then
          printf "FID(sCD 2-step)/FID(teacher) = %.3f (goal <= 1.10); FID(sCT 2-step)/FID(teacher) = %.3f (goal <= 1.15)\n", f["scd-2step"] / t, f["sct-2step"] / t
          printf "FID(sCD 2-step) - FID(dsCD 2-step): N = 1024 %.2f, N = 64 %.2f (goal < 0); teacher seed 0 vs 1: %.2f\n", f["scd-2step"] - f["dscd1024-2step"], f["scd-2step"] - f["dscd64-2step"], f["teacher-heun35"] - f["teacher-heun35-seed1"]
          printf "noise of the curve (%d samples): sCD 2-step at the last step, seed 0 vs 1: %.2f\n", cn, c0 - f["curve-scd-2step-seed1"]}' "$R/fid.txt"
+fi
+if has tmid; then   # is the paper's t = 1.1 (tuned on ImageNet) what limits 2-step sCD here? The curve has t = 1.1.
+    grep -q "^1.1 " "$R/tmid.txt" 2>/dev/null || \
+        awk -v s="$CM_STEPS" '$1 == "scd" && $2 == s && $3 == 2 {print "1.1", $4}' "$R/curve.txt" >> "$R/tmid.txt"
+    t_max=$($PY -c 'import trigflow; print(trigflow.T_MAX)')
+    for tm in 0.8 0.95 1.25 1.4; do
+        put "$R/tmid.txt" "$tm" "$R/scd/checkpoint.pt" "$CURVE_NUM" --ts "$t_max" "$tm"
+    done
+    echo "sCD 2-step FID ($CURVE_NUM samples) at step $CM_STEPS against the intermediate time t (paper: 1.1):"
+    sort -n "$R/tmid.txt"
 fi
 if has plot; then
     mkdir -p "$FIG/repro"
