@@ -52,6 +52,7 @@ def curve(path, out):
     if teacher:
         ax.axhline(teacher[-1], color='k', lw=1, label='teacher, Heun 35 NFE')
         ax.axhline(1.1 * teacher[-1], color='k', lw=0.6, ls=':', label='teacher x 1.10')
+        ax.axhline(1.15 * teacher[-1], color='k', lw=0.6, ls='-.', label='teacher x 1.15')
     ax.set_xlabel('consistency training step (batch 128)')
     ax.set_ylabel('FID')
     ax.grid(alpha=0.3)
