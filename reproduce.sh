@@ -49,6 +49,10 @@ put() {  # put <file> <key> <checkpoint> <num> [sampler flags...]: append "<key>
     v=$(fid_of "$@")                 # a failed FID stops the script here instead of writing an empty line
     echo "$key $v" >> "$file"
 }
+curve_at() {  # curve_at <method> <step> <NFE> -> the curve's FID at that point; fails if the curve lacks it
+    local v; v=$(awk -v m="$1" -v s="$2" -v n="$3" '$1 == m && $2 == s && $3 == n {print $4}' "$R/curve.txt" 2>/dev/null)
+    [ -n "$v" ] && echo "$v" || { echo "error: $R/curve.txt has no point '$1 $2 $3'; run that stage first" >&2; return 1; }
+}
 
 if has teacher; then
     train train_teacher.py "$R/teacher" "${TEACHER_STEPS:-$($PY -c "import train_teacher as t; print(t.PRESETS['$PRESET']['steps'])")}"
@@ -87,15 +91,17 @@ if has table; then
     done
     echo "FID against the first $NUM Fashion-MNIST training images, $NUM samples each ($PRESET, $CM_STEPS CM steps):"
     column -t "$R/fid.txt"
-    c0=$(awk -v s="$CM_STEPS" '$1 == "scd" && $2 == s && $3 == 2 {print $4}' "$R/curve.txt")
+    c0=$(curve_at scd "$CM_STEPS" 2) || exit 1
     awk -v c0="$c0" -v cn="$CURVE_NUM" '{f[$1] = $3} END {t = f["teacher-heun35"]
-         printf "FID(sCD 2-step)/FID(teacher) = %.3f (goal <= 1.10); FID(sCT 2-step)/FID(teacher) = %.3f (goal <= 1.15)\n", f["scd-2step"] / t, f["sct-2step"] / t
+         printf "FID(2-step)/FID(teacher): sCD %.3f, sCT %.3f (the issue asks: <= 1.10? <= 1.15?)\n", f["scd-2step"] / t, f["sct-2step"] / t
          printf "FID(sCD 2-step) - FID(dsCD 2-step): N = 1024 %.2f, N = 64 %.2f (goal < 0); teacher seed 0 vs 1: %.2f\n", f["scd-2step"] - f["dscd1024-2step"], f["scd-2step"] - f["dscd64-2step"], f["teacher-heun35"] - f["teacher-heun35-seed1"]
          printf "noise of the curve (%d samples): sCD 2-step at the last step, seed 0 vs 1: %.2f\n", cn, c0 - f["curve-scd-2step-seed1"]}' "$R/fid.txt"
 fi
 if has tmid; then   # is the paper's t = 1.1 (tuned on ImageNet) what limits 2-step sCD here? The curve has t = 1.1.
-    grep -q "^1.1 " "$R/tmid.txt" 2>/dev/null || \
-        awk -v s="$CM_STEPS" '$1 == "scd" && $2 == s && $3 == 2 {print "1.1", $4}' "$R/curve.txt" >> "$R/tmid.txt"
+    if ! grep -q "^1.1 " "$R/tmid.txt" 2>/dev/null; then
+        c=$(curve_at scd "$CM_STEPS" 2) || exit 1
+        echo "1.1 $c" >> "$R/tmid.txt"
+    fi
     t_max=$($PY -c 'import trigflow; print(trigflow.T_MAX)')
     for tm in 0.8 0.95 1.25 1.4; do
         put "$R/tmid.txt" "$tm" "$R/scd/checkpoint.pt" "$CURVE_NUM" --ts "$t_max" "$tm"
