@@ -64,7 +64,8 @@ def features_of(images, model, batch=100, progress=True):
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        out = [model(inception_input(images[i:i + batch], device)).double().cpu()
+        out = [model(inception_input(images[i:i + batch], device).contiguous(memory_format=torch.channels_last))
+               .double().cpu()
                for i in tqdm(range(0, len(images), batch), desc='inception', disable=not progress)]
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
