@@ -103,7 +103,7 @@ if has tmid; then   # is the paper's t = 1.1 (tuned on ImageNet) what limits 2-s
         echo "1.1 $c" >> "$R/tmid.txt"
     fi
     t_max=$($PY -c 'import trigflow; print(trigflow.T_MAX)')
-    for tm in 0.8 0.95 1.25 1.4; do
+    for tm in 0.5 0.65 0.8 0.95 1.25 1.4; do
         put "$R/tmid.txt" "$tm" "$R/scd/checkpoint.pt" "$CURVE_NUM" --ts "$t_max" "$tm"
     done
     echo "sCD 2-step FID ($CURVE_NUM samples) at step $CM_STEPS against the intermediate time t (paper: 1.1):"
