@@ -2,8 +2,9 @@
 
   python plot.py hero runs/repro-fashion-s/grids figures/hero.png     # teacher | sCD 1 step | sCD 2 steps
   python plot.py curve runs/repro-fashion-s/curve.txt figures/repro/fid-vs-steps.png   # FID vs training step
+  python plot.py tmid runs/repro-fashion-s/tmid.txt runs/repro-fashion-s/curve.txt figures/repro/fid-vs-tmid.png
 
-`hero` needs pillow only; `curve` needs matplotlib (optional: `pip install matplotlib`), used nowhere else.
+`hero` needs pillow only; `curve` and `tmid` need matplotlib (optional: `pip install matplotlib`), used nowhere else.
 """
 import argparse
 import os
@@ -35,13 +36,8 @@ NAMES = {'scd': 'sCD', 'sct': 'sCT', 'dscd1024': 'dsCD, N = 1024', 'dscd64': 'ds
 def curve(path, out):
     """FID vs consistency-training step from reproduce.sh's curve.txt ("<method> <step> <NFE> <FID>"): one line per
     method and sampler (solid: 2 steps, dashed: 1 step), the teacher's FID (35 NFE) as a horizontal line."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit('error: plot.py curve needs matplotlib (pip install matplotlib)') from None
-    rows = [line.split() for line in open(path) if line.strip()]
+    plt = pyplot()
+    rows = read_rows(path)
     teacher = [float(r[3]) for r in rows if r[0] == 'teacher']
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (method, label) in enumerate(NAMES.items()):
@@ -57,6 +53,47 @@ def curve(path, out):
     ax.set_ylabel('FID')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    save(fig, out)
+
+
+def tmid(path, curve_path, out):
+    """2-step sCD FID against the intermediate time t of the sampler (reproduce.sh's tmid.txt: "<t> <FID>"), the
+    paper's t = 1.1 marked, the teacher's FID and x 1.10 / x 1.15 from curve.txt as horizontal lines."""
+    plt = pyplot()
+    pts = sorted((float(r[0]), float(r[1])) for r in read_rows(path))
+    teacher = [float(r[3]) for r in read_rows(curve_path) if r[0] == 'teacher']
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(*zip(*pts), '-o', ms=4, color='C0', label='sCD, 2 steps (0 -> t -> 0)')
+    ax.axvline(1.1, color='C0', lw=0.6, ls=':', label='paper: t = 1.1')
+    if teacher:
+        for k, ls in ((1.0, '-'), (1.1, ':'), (1.15, '-.')):
+            ax.axhline(k * teacher[-1], color='k', lw=1 if k == 1 else 0.6, ls=ls, label=f'teacher x {k:.2f}')
+    ax.set_xlabel('intermediate time t (TrigFlow)')
+    ax.set_ylabel('FID')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, out)
+
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit('error: plot.py curve and tmid need matplotlib (pip install matplotlib)') from None
+    return plt
+
+
+def read_rows(path):
+    try:
+        return [line.split() for line in open(path) if line.strip()]
+    except OSError as e:
+        raise SystemExit(f'error: cannot read {path}: {e.strerror}') from None
+
+
+def save(fig, out):
+    """Write the PNG atomically (a kill leaves the old file or none, never half of one)."""
     fig.tight_layout()
     tmp = out + '.tmp.png'
     fig.savefig(tmp, dpi=120)
@@ -73,8 +110,17 @@ def main():
     s = sub.add_parser('curve', help='FID vs training step from curve.txt (needs matplotlib)')
     s.add_argument('curve', help="reproduce.sh's curve.txt")
     s.add_argument('out', help='the PNG to write')
+    s = sub.add_parser('tmid', help='2-step FID against the intermediate time from tmid.txt (needs matplotlib)')
+    s.add_argument('tmid', help="reproduce.sh's tmid.txt")
+    s.add_argument('curve', help="reproduce.sh's curve.txt (for the teacher's FID)")
+    s.add_argument('out', help='the PNG to write')
     args = p.parse_args()
-    hero(args.grids, args.out) if args.command == 'hero' else curve(args.curve, args.out)
+    if args.command == 'hero':
+        hero(args.grids, args.out)
+    elif args.command == 'curve':
+        curve(args.curve, args.out)
+    else:
+        tmid(args.tmid, args.curve, args.out)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@
 # Writes runs/repro-$PRESET/: {teacher,scd,sct,dscd1024,dscd64}/ (checkpoints, logs, grids), ref-train-$NUM.npz,
 # curve.txt ("<method> <step> <NFE> <FID with CURVE_NUM samples>"), fid.txt ("<row> <NFE> <FID with NUM samples>"),
 # tmid.txt ("<t> <FID>": the final sCD's 2 steps through t, CURVE_NUM samples), grids/*.png; then
-# figures/repro/fid-vs-steps.png (needs matplotlib) and the table it prints.
+# figures/repro/fid-vs-steps.png and fid-vs-tmid.png (need matplotlib) and the table it prints.
 # Datasets come from $SCM_DATA (or are downloaded to ~/.cache/scm and checked).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,7 +24,7 @@ TEACHER_STEPS=${TEACHER_STEPS:-}     # empty: the preset's step count
 STAGES=${STAGES:-teacher scd sct dscd1024 dscd64 table tmid plot}
 PY=${PY:-python}
 R=${R:-runs/repro-$PRESET}       # the run folder (override for a smoke run)
-FIG=${FIG:-figures}              # where the plot stage writes hero.png and repro/fid-vs-steps.png
+FIG=${FIG:-figures}              # where the plot stage writes hero.png and repro/fid-vs-{steps,tmid}.png
 T=$R/teacher/checkpoint.pt
 REF=$R/ref-train-$NUM.npz            # the reference: the first NUM training images
 mkdir -p "$R/grids"
@@ -113,4 +113,5 @@ if has plot; then
     mkdir -p "$FIG/repro"
     $PY plot.py hero "$R/grids" "$FIG/hero.png"
     $PY plot.py curve "$R/curve.txt" "$FIG/repro/fid-vs-steps.png"
+    if [ -f "$R/tmid.txt" ]; then $PY plot.py tmid "$R/tmid.txt" "$R/curve.txt" "$FIG/repro/fid-vs-tmid.png"; fi
 fi
