@@ -1532,3 +1532,25 @@ def test_offline_demo_quick(tmp_path):
     for k in ('sCD 1-step', 'sCD 2-step', 'sCT 1-step', 'sCT 2-step'):
         assert d[k] < 0.1 * d['untrained 1-step'] and d[k] < 0.8 * d['noise N(0, sigma_d^2 I)'], (k, d)
     assert os.path.getsize(tmp_path / 'demo.png') > 1000
+
+
+def test_plot_figures_from_reproduce_outputs(tmp_path):
+    """plot.py: hero puts the three grids side by side under captions; curve and tmid (matplotlib, optional) read
+    reproduce.sh's text files and write PNGs; a missing input is one error line."""
+    import plot
+    for i, name in enumerate(('teacher-heun35', 'scd-1step', 'scd-2step')):
+        Image.new('RGB', (30, 20), (80 * i, 0, 0)).save(tmp_path / f'{name}.png')
+    plot.hero(str(tmp_path), str(tmp_path / 'hero.png'))
+    hero = Image.open(tmp_path / 'hero.png')
+    assert hero.size == (3 * (30 + 8) + 8, 20 + 20 + 8)
+    assert hero.getpixel((8 + 2 * 38 + 5, 30)) == (160, 0, 0)          # the third grid, in its place
+    (tmp_path / 'curve.txt').write_text('teacher 3000 35 65.0\nscd 500 1 100.0\nscd 500 2 75.0\nscd 1000 2 74.0\n')
+    (tmp_path / 'tmid.txt').write_text('1.1 74.0\n0.8 71.0\n')
+    pytest.importorskip('matplotlib', reason='plot.py curve and tmid need matplotlib (optional)')
+    plot.curve(str(tmp_path / 'curve.txt'), str(tmp_path / 'curve.png'))
+    plot.tmid(str(tmp_path / 'tmid.txt'), str(tmp_path / 'curve.txt'), str(tmp_path / 'tmid.png'))
+    assert Image.open(tmp_path / 'curve.png').size[0] > 300 and Image.open(tmp_path / 'tmid.png').size[0] > 300
+    assert sorted(os.listdir(tmp_path)) == sorted(['teacher-heun35.png', 'scd-1step.png', 'scd-2step.png',
+                                                  'hero.png', 'curve.txt', 'tmid.txt', 'curve.png', 'tmid.png'])
+    with pytest.raises(SystemExit, match='error: cannot read'):
+        plot.tmid(str(tmp_path / 'missing.txt'), str(tmp_path / 'curve.txt'), str(tmp_path / 'x.png'))
