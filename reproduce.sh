@@ -4,7 +4,7 @@
 # with FID of 1- and 2-step samples at regular checkpoints (the curve) and a final table. Every stage resumes where it
 # stopped and a finished stage is skipped, so run it again after an interruption, in as many sittings as it takes.
 #
-#   bash reproduce.sh                        # PRESET=fashion-s: ~14 hours on 2 cores (README)
+#   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
 #
