@@ -1534,9 +1534,8 @@ def test_offline_demo_quick(tmp_path):
     assert os.path.getsize(tmp_path / 'demo.png') > 1000
 
 
-def test_plot_figures_from_reproduce_outputs(tmp_path):
-    """plot.py: hero puts the three grids side by side under captions; curve and tmid (matplotlib, optional) read
-    reproduce.sh's text files and write PNGs; a missing input is one error line."""
+def test_plot_hero_puts_the_grids_side_by_side(tmp_path):
+    """plot.py hero (pillow only): the three grids side by side under captions."""
     import plot
     for i, name in enumerate(('teacher-heun35', 'scd-1step', 'scd-2step')):
         Image.new('RGB', (30, 20), (80 * i, 0, 0)).save(tmp_path / f'{name}.png')
@@ -1544,13 +1543,18 @@ def test_plot_figures_from_reproduce_outputs(tmp_path):
     hero = Image.open(tmp_path / 'hero.png')
     assert hero.size == (3 * (30 + 8) + 8, 20 + 20 + 8)
     assert hero.getpixel((8 + 2 * 38 + 5, 30)) == (160, 0, 0)          # the third grid, in its place
+
+
+def test_plot_curve_and_tmid_from_reproduce_outputs(tmp_path):
+    """plot.py curve and tmid (matplotlib, optional) read reproduce.sh's text files and write PNGs atomically; a
+    missing input is one error line."""
+    pytest.importorskip('matplotlib', reason='plot.py curve and tmid need matplotlib (optional)')
+    import plot
     (tmp_path / 'curve.txt').write_text('teacher 3000 35 65.0\nscd 500 1 100.0\nscd 500 2 75.0\nscd 1000 2 74.0\n')
     (tmp_path / 'tmid.txt').write_text('1.1 74.0\n0.8 71.0\n')
-    pytest.importorskip('matplotlib', reason='plot.py curve and tmid need matplotlib (optional)')
     plot.curve(str(tmp_path / 'curve.txt'), str(tmp_path / 'curve.png'))
     plot.tmid(str(tmp_path / 'tmid.txt'), str(tmp_path / 'curve.txt'), str(tmp_path / 'tmid.png'))
     assert Image.open(tmp_path / 'curve.png').size[0] > 300 and Image.open(tmp_path / 'tmid.png').size[0] > 300
-    assert sorted(os.listdir(tmp_path)) == sorted(['teacher-heun35.png', 'scd-1step.png', 'scd-2step.png',
-                                                  'hero.png', 'curve.txt', 'tmid.txt', 'curve.png', 'tmid.png'])
+    assert sorted(os.listdir(tmp_path)) == ['curve.png', 'curve.txt', 'tmid.png', 'tmid.txt']
     with pytest.raises(SystemExit, match='error: cannot read'):
         plot.tmid(str(tmp_path / 'missing.txt'), str(tmp_path / 'curve.txt'), str(tmp_path / 'x.png'))
