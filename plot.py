@@ -45,10 +45,7 @@ def curve(path, out):
             pts = sorted((int(r[1]), float(r[3])) for r in rows if r[0] == method and r[2] == nfe)
             if pts:
                 ax.plot(*zip(*pts), style, marker='o', ms=3, color=f'C{i}', label=f'{label}, {nfe} step' + 's' * (nfe == '2'))
-    if teacher:
-        ax.axhline(teacher[-1], color='k', lw=1, label='teacher, Heun 35 NFE')
-        ax.axhline(1.1 * teacher[-1], color='k', lw=0.6, ls=':', label='teacher x 1.10')
-        ax.axhline(1.15 * teacher[-1], color='k', lw=0.6, ls='-.', label='teacher x 1.15')
+    teacher_lines(ax, teacher)
     ax.set_xlabel('consistency training step (batch 128)')
     ax.set_ylabel('FID')
     ax.grid(alpha=0.3)
@@ -65,14 +62,20 @@ def tmid(path, curve_path, out):
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.plot(*zip(*pts), '-o', ms=4, color='C0', label='sCD, 2 steps (0 -> t -> 0)')
     ax.axvline(1.1, color='C0', lw=0.6, ls=':', label='paper: t = 1.1')
-    if teacher:
-        for k, ls in ((1.0, '-'), (1.1, ':'), (1.15, '-.')):
-            ax.axhline(k * teacher[-1], color='k', lw=1 if k == 1 else 0.6, ls=ls, label=f'teacher x {k:.2f}')
+    teacher_lines(ax, teacher)
     ax.set_xlabel('intermediate time t (TrigFlow)')
     ax.set_ylabel('FID')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save(fig, out)
+
+
+def teacher_lines(ax, teacher):
+    """The teacher's FID (the last of curve.txt's teacher lines, if any) and x 1.10 / x 1.15, as horizontal lines."""
+    if teacher:
+        ax.axhline(teacher[-1], color='k', lw=1, label='teacher, Heun 35 NFE')
+        ax.axhline(1.1 * teacher[-1], color='k', lw=0.6, ls=':', label='teacher x 1.10')
+        ax.axhline(1.15 * teacher[-1], color='k', lw=0.6, ls='-.', label='teacher x 1.15')
 
 
 def pyplot():
