@@ -87,6 +87,8 @@ if has table; then
     put "$R/fid.txt" "teacher-heun35-seed1 35" "$T" "$NUM" --heun-steps 18 --seed 1                  # the noise
     put "$R/fid.txt" "curve-scd-2step-seed1 2" "$R/scd/checkpoint.pt" "$CURVE_NUM" --steps 2 --seed 1   # the curve's
     for m in scd sct dscd1024 dscd64; do
+        n=$(step_of "$R/$m/checkpoint.pt")   # the table is of final students only
+        [ "$n" -ge "$CM_STEPS" ] || { echo "error: $R/$m is at step $n of $CM_STEPS; run its stage first" >&2; exit 1; }
         row "$m-1step" 1 "$R/$m/checkpoint.pt" --steps 1
         row "$m-2step" 2 "$R/$m/checkpoint.pt" --steps 2
     done
