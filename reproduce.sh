@@ -11,8 +11,8 @@
 # Writes runs/repro-$PRESET/: {teacher,scd,sct,dscd1024,dscd64}/ (checkpoints, logs, grids), ref-train-$NUM.npz,
 # curve.txt ("<method> <step> <NFE> <FID with CURVE_NUM samples>"), fid.txt ("<row> <NFE> <FID with NUM samples>"),
 # tmid.txt ("<t> <FID>": the final sCD's 2 steps through t, CURVE_NUM samples), grids/*.png; then
-# figures/repro/ (the grids, and fid-vs-steps.png and fid-vs-tmid.png, which need matplotlib), figures/hero.png and
-# the table it prints.
+# figures/repro/ (the grids, the three .txt files, and fid-vs-steps.png and fid-vs-tmid.png, which need matplotlib),
+# figures/hero.png and the table it prints.
 # Datasets come from $SCM_DATA (or are downloaded to ~/.cache/scm and checked).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -114,8 +114,9 @@ if has tmid; then   # is the paper's t = 1.1 (tuned on ImageNet) what limits 2-s
 fi
 if has plot; then
     mkdir -p "$FIG/repro"
-    cp "$R"/grids/*.png "$FIG/repro/"          # the table's sample grids, for the README
+    cp "$R"/grids/*.png "$R/curve.txt" "$FIG/repro/"   # the table's sample grids and the curve's numbers, for the README
+    if [ -f "$R/fid.txt" ]; then cp "$R/fid.txt" "$FIG/repro/"; fi
     $PY plot.py hero "$R/grids" "$FIG/hero.png"
     $PY plot.py curve "$R/curve.txt" "$FIG/repro/fid-vs-steps.png"
-    if [ -f "$R/tmid.txt" ]; then $PY plot.py tmid "$R/tmid.txt" "$R/curve.txt" "$FIG/repro/fid-vs-tmid.png"; fi
+    if [ -f "$R/tmid.txt" ]; then cp "$R/tmid.txt" "$FIG/repro/"; $PY plot.py tmid "$R/tmid.txt" "$R/curve.txt" "$FIG/repro/fid-vs-tmid.png"; fi
 fi
