@@ -39,7 +39,7 @@ def curve(path, out):
     plt = pyplot()
     rows = read_rows(path)
     teacher = [float(r[3]) for r in rows if r[0] == 'teacher']
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for i, (method, label) in enumerate(NAMES.items()):
         for nfe, style in (('2', '-'), ('1', '--')):
             pts = sorted((int(r[1]), float(r[3])) for r in rows if r[0] == method and r[2] == nfe)
@@ -49,7 +49,7 @@ def curve(path, out):
     ax.set_xlabel('consistency training step (batch 128)')
     ax.set_ylabel('FID')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, handlelength=3.5, loc='upper left', bbox_to_anchor=(1.01, 1))   # outside the lines
     save(fig, out)
 
 
