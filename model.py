@@ -25,47 +25,236 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
 import torch.autograd.forward_ad as fwAD
+from torch.autograd.graph import get_gradient_edge
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ---------------------------------------------------------------------------------------------------------------
-# Magnitude-preserving primitives (EDM2: Karras et al., "Analyzing and Improving the Training Dynamics of
-# Diffusion Models", CVPR 2024). Statistics are taken in at least fp32, so fp64 stays fp64 in the tests.
+# Primitives whose tangent autograd does not record: the one-pass sCM step (trigflow.scm_loss).
+#
+# scm_loss runs the student once under a grad-enabled torch.func.jvp: the primal is F_theta, with its gradient, and
+# the tangent cos(t) sin(t) dF/dt, which Alg. 1 uses under stopgrad. PyTorch evaluates forward-mode rules in grad
+# mode, so a rule that touches a grad-requiring primal (a weight, an activation) is recorded by autograd: conv's
+# rule conv(x_t, w) keeps x_t for w's gradient, and even x * 2 records 0 * x. Nothing ever differentiates those
+# records; they double the step's memory. So every primitive whose rule touches such a primal goes through
+# _NoGradTangent: its value and its backward are the native op's, its tangent a formula written out below and
+# evaluated under no_grad. Ops whose rule touches no primal need nothing: +, -, cat, views, casts, clip, pooling,
+# repeat, and `mul_scalar` below. Without a tangent (a diffusion step, sampling) each primitive is the plain native op.
 
 
 def _wide(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
+def _has_tangent(x):
+    """True inside torch.func transforms (jvp, grad, vmap wrap their tensors) and for forward_ad dual tensors."""
+    return torch.is_tensor(x) and (torch._C._functorch.is_functorch_wrapped_tensor(x) or
+                                   fwAD.unpack_dual(x).tangent is not None)
+
+
+class _NoGradTangent(torch.autograd.Function):
+    """y = op(*xs) with op's own backward and the tangent rule(xs, xs_t, y), computed under no_grad.
+
+    forward runs op with autograd enabled on the inputs themselves and keeps only the two ends of that inner graph
+    (gradient edges, which hold no activations); backward differentiates the inner graph from end to end. Tensors
+    are saved exactly as the native op saves them, and none of them carries a tangent."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(op, rule, grad_enabled, *xs):
+        with torch.set_grad_enabled(grad_enabled):
+            y = op(*xs)
+        ends = None
+        if y.requires_grad:
+            ends = (get_gradient_edge(y), [get_gradient_edge(x) if _requires_grad(x) else None for x in xs])
+        return y.detach(), ends
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.rule, ctx.ends = inputs[1], output[1]
+        ctx.save_for_forward(*inputs[3:], output[0])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gy, _):
+        y_edge, x_edges = ctx.ends if ctx.ends is not None and gy is not None else (None, [])
+        ctx.ends = None
+        inner = torch.autograd.grad(y_edge, [e for e in x_edges if e is not None], gy) if y_edge else ()
+        grads = iter(inner)
+        return (None, None, None) + tuple(None if e is None else next(grads) for e in x_edges)
+
+    @staticmethod
+    def jvp(ctx, _op_t, _rule_t, _grad_t, *xs_t):
+        xs, y = tuple(ctx.saved_tensors[:-1]), ctx.saved_tensors[-1]
+        ctx.saved_for_forward = None              # the graph keeps ctx alive: do not let it keep xs and y
+        with torch.no_grad():
+            return ctx.rule(xs, xs_t, y).to(y.dtype), None
+
+
+def _requires_grad(x):
+    return torch.is_tensor(x) and x.requires_grad
+
+
+def _primitive(op, rule, *xs):
+    """op(*xs); under a tangent, through _NoGradTangent with the tangent rule(xs, xs_t, y)."""
+    if not any(_has_tangent(x) for x in xs):
+        return op(*xs)
+    return _NoGradTangent.apply(op, rule, torch.is_grad_enabled(), *xs)[0]
+
+
+def _add(*terms):
+    """The sum of the terms that are not None (an input without a tangent contributes no term); None if all are."""
+    total = None
+    for v in terms:
+        total = v if total is None else total if v is None else total + v
+    return total
+
+
+def mul_scalar(x, c):
+    """x * c for a number c. aten's mul.Scalar, whose tangent rule is x_t * c; Python's `x * c` is mul.Tensor, whose
+    rule x_t * c + 0 * x touches x and is recorded."""
+    return torch.ops.aten.mul.Scalar(x, c)
+
+
+def silu(x):
+    """SiLU x sigmoid(x). Tangent: x_t s (1 + x (1 - s)), s = sigmoid(x): x_t silu'(x), which is what aten's fused
+    silu_backward(grad, x) computes with grad = x_t (one kernel instead of six)."""
+    return _primitive(nnf.silu, _silu_tangent, x)
+
+
+def _silu_tangent(xs, ts, y):
+    return torch.ops.aten.silu_backward(ts[0], xs[0])
+
+
+def gelu(x):
+    """GELU, tanh approximation (DiT). Tangent: x_t (0.5 (1 + h) + 0.5 x (1 - h^2) k (1 + 3a x^2)),
+    h = tanh(k (x + a x^3)), k = sqrt(2/pi), a = 0.044715: x_t gelu'(x), aten's fused gelu_backward(x_t, x)."""
+    return _primitive(_gelu, _gelu_tangent, x)
+
+
+def _gelu(x):
+    return nnf.gelu(x, approximate='tanh')
+
+
+def _gelu_tangent(xs, ts, y):
+    return torch.ops.aten.gelu_backward(ts[0], xs[0], approximate='tanh')
+
+
+def mul(a, b):
+    """a * b, broadcasting. Tangent: a_t b + a b_t."""
+    return _primitive(torch.mul, _mul_tangent, a, b)
+
+
+def _mul_tangent(xs, ts, y):
+    (a, b), (a_t, b_t) = xs, ts
+    if a_t is not None and b_t is not None:
+        return torch.addcmul(a_t * b, a, b_t)
+    return a_t * b if b_t is None else a * b_t
+
+
+def dropout(x, p, training):
+    """nnf.dropout as x * mask, the mask drawn as nnf.dropout draws it (PyTorch's rule for dropout records 0 * x)."""
+    if not training or p == 0:
+        return x
+    return mul(x, nnf.dropout(torch.ones_like(x), p, True))
+
+
+# Magnitude-preserving primitives (EDM2: Karras et al., "Analyzing and Improving the Training Dynamics of
+# Diffusion Models", CVPR 2024). Statistics are taken in at least fp32, so fp64 stays fp64 in the tests.
+
+
 def normalize(x, dim=None, eps=1e-4):
     """Scale x to unit RMS over `dim` (default: all but the first): EDM2's normalize, used for pixel norm and
-    weight normalization (EDM2 Eq. 47/66)."""
-    dim = list(range(1, x.ndim)) if dim is None else dim
+    weight normalization (EDM2 Eq. 47/66): y = x / n, n = eps + ||x|| sqrt(k / N) (k of the N elements remain).
+    Tangent: (x_t - x sqrt(k / N) <x, x_t> / (||x|| n)) / n."""
+    dim = tuple(range(1, x.ndim)) if dim is None else dim
+    return _primitive(lambda x: _normalize(x, dim, eps), lambda xs, ts, y: _normalize_tangent(xs, ts, dim, eps), x)
+
+
+def _normalize(x, dim, eps):
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=_wide(x.dtype))
     norm = eps + norm * math.sqrt(norm.numel() / x.numel())
     return x / norm.to(x.dtype)
 
 
+def _normalize_tangent(xs, ts, dim, eps):
+    (x,), (x_t,) = xs, ts
+    x, x_t = x.to(_wide(x.dtype)), x_t.to(_wide(x.dtype))
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    c = math.sqrt(norm.numel() / x.numel())
+    n = eps + c * norm
+    coef = c * (x * x_t).sum(dim, keepdim=True) / (norm.clamp(min=torch.finfo(x.dtype).tiny) * n)
+    return torch.addcmul(x_t, x, coef, value=-1).div_(n)
+
+
 def pnorm(v, eps=1e-8):
     """PixelNorm over channels, v / sqrt(mean_c v^2 + eps) (Karras et al. 2018, §4.2), applied to the modulation
-    vectors of ADN (sCM §4.1). Smooth at v = 0, so a zero-initialized shift has a finite JVP."""
+    vectors of ADN (sCM §4.1). Smooth at v = 0, so a zero-initialized shift has a finite JVP.
+    Tangent: r (v_t - v r^2 mean_c(v v_t)), r = (mean_c v^2 + eps)^(-1/2)."""
+    return _primitive(lambda v: _pnorm(v, eps), lambda xs, ts, y: _pnorm_tangent(xs, ts, eps), v)
+
+
+def _pnorm(v, eps):
     v2 = v.to(_wide(v.dtype)).square().mean(dim=1, keepdim=True)
     return v * torch.rsqrt(v2 + eps).to(v.dtype)
 
 
+def _pnorm_tangent(xs, ts, eps):
+    (v,), (v_t,) = xs, ts
+    v, v_t = v.to(_wide(v.dtype)), v_t.to(_wide(v.dtype))
+    r = torch.rsqrt(v.square().mean(1, keepdim=True) + eps)
+    return r * (v_t - v * r ** 2 * (v * v_t).mean(1, keepdim=True))
+
+
+def _standardized_tangent(x, x_t, eps):
+    """For y = (x - mean x) / sigma over the last dim, sigma = sqrt(var x + eps): (y, y_t) with
+    y_t = (x_c - y mean(y x_c)) / sigma, x_c = x_t - mean x_t. In fp32 or wider."""
+    x, x_t = x.to(_wide(x.dtype)), x_t.to(_wide(x.dtype))
+    sigma = (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    y = (x - x.mean(-1, keepdim=True)) / sigma
+    x_c = x_t - x_t.mean(-1, keepdim=True)
+    return y, (x_c - y * (y * x_c).mean(-1, keepdim=True)) / sigma
+
+
+def layer_norm(x, eps=1e-6):
+    """LayerNorm over the last dim without an affine map (DiT's). Tangent: _standardized_tangent."""
+    return _primitive(lambda x: nnf.layer_norm(x, x.shape[-1:], eps=eps),
+                      lambda xs, ts, y: _standardized_tangent(xs[0], ts[0], eps)[1], x)
+
+
+def group_norm(x, gn):
+    """nn.GroupNorm `gn` computed in fp32 or wider (a bf16 GroupNorm breaks the JVP under autocast), on a contiguous
+    x. Tangent: the standardized tangent per group, times the weight (plus the terms of weight and bias tangents)."""
+    with torch.autocast(x.device.type, enabled=False):
+        xw = x.to(_wide(x.dtype)).contiguous()
+        y = _primitive(lambda x, w, b: nnf.group_norm(x, gn.num_groups, w, b, gn.eps),
+                       lambda xs, ts, y: _group_norm_tangent(xs, ts, gn.num_groups, gn.eps), xw, gn.weight, gn.bias)
+    return y.to(x.dtype)
+
+
+def _group_norm_tangent(xs, ts, groups, eps):
+    (x, w, b), (x_t, w_t, b_t) = xs, ts
+    per_channel = lambda v: v.reshape(1, -1, *([1] * (x.ndim - 2)))
+    y, y_t = _standardized_tangent(x.reshape(x.shape[0], groups, -1), x_t.reshape(x.shape[0], groups, -1), eps)
+    y, y_t = y.reshape(x.shape), y_t.reshape(x.shape)
+    return _add(y_t * per_channel(w), None if w_t is None else y * per_channel(w_t),
+                None if b_t is None else per_channel(b_t).expand_as(y))
+
+
 def mp_silu(x):
     """Magnitude-preserving SiLU (EDM2 Eq. 81)."""
-    return nnf.silu(x) / 0.596
+    return mul_scalar(silu(x), 1 / 0.596)
 
 
 def mp_sum(a, b, t=0.5):
     """Magnitude-preserving sum (EDM2 Eq. 88)."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+    return mul_scalar(a, (1 - t) / math.sqrt((1 - t) ** 2 + t ** 2)) + mul_scalar(b, t / math.sqrt((1 - t) ** 2 + t ** 2))
 
 
 def mp_cat(a, b, t=0.5):
     """Magnitude-preserving concatenation along channels (EDM2 Eq. 103)."""
     Na, Nb = a.shape[1], b.shape[1]
     C = math.sqrt((Na + Nb) / ((1 - t) ** 2 + t ** 2))
-    return torch.cat([a * (C / math.sqrt(Na) * (1 - t)), b * (C / math.sqrt(Nb) * t)], dim=1)
+    return torch.cat([mul_scalar(a, C / math.sqrt(Na) * (1 - t)), mul_scalar(b, C / math.sqrt(Nb) * t)], dim=1)
 
 
 def resample(x, mode='keep'):
@@ -93,71 +282,51 @@ class PositionalEmbedding(nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1) * math.sqrt(2)
 
 
-def _affine(x, w, b=None):
-    """conv2d (+ b) with 'same' padding and stride 1 for a 4-D weight, x @ w^T + b for a 2-D one."""
-    return nnf.conv2d(x, w, b, padding=w.shape[-1] // 2) if w.ndim == 4 else nnf.linear(x, w, b)
+def _affine(x, w, b=None, stride=1):
+    """conv2d (+ b) for a 4-D weight: 'same' padding at stride 1, non-overlapping patches at stride > 1 (DiT's patch
+    embedding); x @ w^T + b for a 2-D one."""
+    if w.ndim == 4:
+        return nnf.conv2d(x, w, b, stride=stride, padding=w.shape[-1] // 2 if stride == 1 else 0)
+    return nnf.linear(x, w, b)
 
 
-class _Affine(torch.autograd.Function):
-    """_affine with its forward-mode rule written out. PyTorch's own rules for convolution and linear also evaluate
-    the weight's term op(x, w_t), with a zero w_t when the weight has no tangent -- as under sCM's JVP, where only
-    x_t and t carry tangents -- which is one more full convolution or matmul per layer: measured on CPU, a conv's
-    JVP cost 2.75 forwards and a linear's 3.4 instead of 2. Here the weight's term runs only when w_t exists."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, w, b):
-        return _affine(x, w, b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, b = inputs
-        ctx.save_for_backward(x, w)
-        ctx.save_for_forward(x, w)
-        ctx.set_materialize_grads(False)   # else a missing w_t arrives as zeros, and backward may see gy = None
-
-    @staticmethod
-    def backward(ctx, gy):
-        if gy is None:
-            return None, None, None
-        x, w = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        if w.ndim == 4:
-            p = w.shape[-1] // 2
-            gx, gw, gb = torch.ops.aten.convolution_backward(gy, x, w, [w.shape[0]] if need_b else None, [1, 1],
-                                                             [p, p], [1, 1], False, [0, 0], 1, [need_x, need_w, need_b])
-            return gx, gw, gb
-        gy2 = gy.reshape(-1, gy.shape[-1])
-        return (gy @ w if need_x else None, gy2.t() @ x.reshape(-1, x.shape[-1]) if need_w else None,
-                gy2.sum(0) if need_b else None)
-
-    @staticmethod
-    def jvp(ctx, x_t, w_t, b_t):
-        x, w = ctx.saved_tensors
-        y_t = _affine(x_t, w) if x_t is not None else 0
-        if w_t is not None:
-            y_t = y_t + _affine(x, w_t)
-        if b_t is not None:
-            y_t = y_t + (b_t.reshape(-1, 1, 1) if w.ndim == 4 else b_t)
-        return y_t
-
-
-def affine(x, w, b=None):
-    """conv2d / linear through _Affine. Under autocast the inputs are cast here, as autocast would cast them for
-    conv2d and linear, so that the forward, backward and JVP inside run in one dtype."""
+def affine(x, w, b=None, stride=1):
+    """conv2d / linear (_affine) with its tangent written out: x_t's term, plus the weight's and the bias's when they
+    have tangents. PyTorch's own rules also evaluate op(x, w_t) with a zero w_t when the weight has none -- as
+    under sCM's JVP, where only x_t and t carry tangents -- one more full convolution or matmul per layer (measured
+    on CPU: a conv's JVP cost 2.75 forwards and a linear's 3.4 instead of 2). Under autocast the inputs are cast
+    here, as autocast would cast them for conv2d and linear, so that the value and the tangent share one dtype."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
     with torch.autocast(dev, enabled=False):
-        return _Affine.apply(x, w, b)
+        if b is None:
+            return _primitive(lambda x, w: _affine(x, w, stride=stride),
+                              lambda xs, ts, y: _affine_tangent(xs + (None,), ts + (None,), stride), x, w)
+        return _primitive(lambda x, w, b: _affine(x, w, b, stride),
+                          lambda xs, ts, y: _affine_tangent(xs, ts, stride, y), x, w, b)
+
+
+def _affine_tangent(xs, ts, stride, y=None):
+    (x, w, _), (x_t, w_t, b_t) = xs, ts
+    return _add(None if x_t is None else _affine(x_t, w, stride=stride),
+                None if w_t is None else _affine(x, w_t, stride=stride),
+                None if b_t is None else (b_t.reshape(-1, 1, 1) if w.ndim == 4 else b_t).expand_as(y))
 
 
 class Linear(nn.Linear):
-    """nn.Linear through affine(): the same layer, with a JVP that costs two matmuls instead of three."""
+    """nn.Linear through affine()."""
 
     def forward(self, x):
         return affine(x, self.weight, self.bias)
+
+
+class SiLU(nn.Module):
+    """nn.SiLU through silu()."""
+
+    def forward(self, x):
+        return silu(x)
 
 
 class MPConv(nn.Module):
@@ -179,23 +348,30 @@ class MPConv(nn.Module):
         self.weight.copy_(normalize(self.weight.to(_wide(self.weight.dtype))))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Attention that forward-mode AD can go through.
-
-
-def _has_tangent(x):
-    """True inside torch.func transforms (jvp, grad, vmap wrap their tensors) and for forward_ad dual tensors."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(x) or fwAD.unpack_dual(x).tangent is not None
-
-
 def attention(q, k, v):
-    """softmax(q k^T / sqrt(d)) v over [B, heads, L, d]. The fused SDPA kernels have no forward-mode AD
-    (sCM App. F; pytorch issue #128971), so whenever a tangent is active we take the explicit math path,
-    with the softmax in fp32 or wider; otherwise fused SDPA. The two agree to 1e-5 (test_attention_paths)."""
-    if _has_tangent(q) or _has_tangent(k) or _has_tangent(v):
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        return scores.to(_wide(scores.dtype)).softmax(dim=-1).to(v.dtype) @ v
-    return nnf.scaled_dot_product_attention(q, k, v)
+    """softmax(q k^T / sqrt(d)) v over [B, heads, L, d]: fused SDPA, value and backward, also under a tangent. The
+    fused kernels have no forward-mode rule (pytorch #128971), so the tangent is sCM App. F's, with S = q k^T /
+    sqrt(d), P = softmax(S), y = P v:  y_t = (P * S_t) v - rowsum(P * S_t) y + P v_t,  S_t = (q_t k^T + q k_t^T) /
+    sqrt(d), with the softmax in fp32 or wider."""
+    return _primitive(_sdpa, _attention_tangent, q, k, v)
+
+
+_SDPA_ALL = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q, k, v):
+    with sdpa_kernel(_SDPA_ALL):          # fused where it applies, even inside trigflow's math-only block
+        return nnf.scaled_dot_product_attention(q, k, v)
+
+
+def _attention_tangent(xs, ts, y):
+    (q, k, v), (q_t, k_t, v_t) = xs, ts
+    s = 1 / math.sqrt(q.shape[-1])
+    P = (q @ k.transpose(-2, -1)).to(_wide(q.dtype)).mul(s).softmax(dim=-1)
+    S_t = _add(None if q_t is None else q_t @ k.transpose(-2, -1), None if k_t is None else q @ k_t.transpose(-2, -1))
+    A = None if S_t is None else P * S_t.to(P.dtype) * s                             # P * S_t
+    return _add(None if A is None else A.to(v.dtype) @ v - A.sum(-1, keepdim=True) * y.to(P.dtype),
+                None if v_t is None else P.to(v.dtype) @ v_t)
 
 
 def one_hot(labels, num_classes):
@@ -243,8 +419,8 @@ class Block(nn.Module):
         y = self.conv_res0(mp_silu(x))
         with torch.autocast(x.device.type, enabled=False):                     # the modulation in fp32 (EDM2)
             scale = pnorm(self.emb_linear(emb, gain=self.emb_gain) + 1)        # ADN: pnorm(s(t)), [B, C]
-        y = mp_silu(normalize(y, dim=1) * scale[:, :, None, None].to(y.dtype))  # ADN: norm(x) * pnorm(s(t))
-        y = nnf.dropout(y, p=self.dropout, training=self.training)
+        y = mp_silu(mul(normalize(y, dim=1), scale[:, :, None, None].to(y.dtype)))  # ADN: norm(x) * pnorm(s(t))
+        y = dropout(y, self.dropout, self.training)
         y = self.conv_res1(y)
         if self.flavor == 'dec' and self.conv_skip is not None:
             x = self.conv_skip(x)
@@ -357,19 +533,12 @@ class UNet(nn.Module):
 # silu(GN(x + W emb)): silu(GN(x) * pnorm(1 + scale) + pnorm(shift)), which adds one emb -> C map per block.
 
 
-def group_norm(x, gn):
-    """nn.GroupNorm `gn` computed in fp32 or wider (a bf16 GroupNorm breaks the JVP under autocast), on a contiguous
-    x (its forward-mode rule views the tangent, which fails for a strided one)."""
-    with torch.autocast(x.device.type, enabled=False):
-        y = nnf.group_norm(x.to(_wide(x.dtype)).contiguous(), gn.num_groups, gn.weight, gn.bias, gn.eps)
-    return y.to(x.dtype)
-
-
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d ('same' padding, stride 1) through affine(): a cheaper JVP, and the bias in the layer's dtype."""
+    """nn.Conv2d through affine() ('same' padding at stride 1, patches at stride = kernel): the bias in the layer's
+    dtype, and the tangent under no_grad."""
 
     def forward(self, x):
-        return affine(x, self.weight, self.bias)
+        return affine(x, self.weight, self.bias, stride=self.stride[0])
 
 
 def _init(layer, gain=1.0):
@@ -408,19 +577,19 @@ class DDPMppBlock(nn.Module):
 
     def forward(self, x, emb):
         orig = x
-        x = self.conv0(resample(nnf.silu(group_norm(x, self.norm0)), self.resample_mode))
+        x = self.conv0(resample(silu(group_norm(x, self.norm0)), self.resample_mode))
         with torch.autocast(x.device.type, enabled=False):                     # the modulation in fp32 (EDM2)
             scale, shift = self.affine(emb).chunk(2, dim=1)
             scale, shift = pnorm(1 + scale)[:, :, None, None], pnorm(shift)[:, :, None, None]
-        x = nnf.silu(group_norm(x, self.norm1) * scale.to(x.dtype) + shift.to(x.dtype))   # ADN (§4.1)
-        x = self.conv1(nnf.dropout(x, p=self.dropout, training=self.training))
+        x = silu(mul(group_norm(x, self.norm1), scale.to(x.dtype)) + shift.to(x.dtype))   # ADN (§4.1)
+        x = self.conv1(dropout(x, self.dropout, self.training))
         skip = orig if self.skip is None else self.skip(resample(orig, self.resample_mode))
-        x = (x + skip) * math.sqrt(0.5)
+        x = mul_scalar(x + skip, math.sqrt(0.5))
         if self.attention:
             B, C, H, W = x.shape
             q, k, v = self.qkv(group_norm(x, self.norm2)).reshape(B, 1, C, 3, H * W).transpose(2, 4).unbind(-2)
             y = attention(q, k, v)                                              # [B, 1, HW, C]: one head
-            x = (self.proj(y.transpose(-1, -2).reshape(B, C, H, W)) + x) * math.sqrt(0.5)
+            x = mul_scalar(self.proj(y.transpose(-1, -2).reshape(B, C, H, W)) + x, math.sqrt(0.5))
         return x
 
 
@@ -482,7 +651,7 @@ class DDPMpp(nn.Module):
             if self.emb_label is not None:
                 labels = torch.full_like(t, -1, dtype=torch.long) if labels is None else labels
                 emb = emb + self.emb_label(one_hot(labels, self.label_dim).to(emb.dtype) * math.sqrt(self.label_dim))
-            emb = nnf.silu(self.map1(nnf.silu(self.map0(emb))))
+            emb = silu(self.map1(silu(self.map0(emb))))
         x, skips = u, []
         for name, blk in self.enc.items():
             x = blk(x) if name.endswith('_conv') else blk(x, emb)
@@ -491,7 +660,7 @@ class DDPMpp(nn.Module):
             if '_block' in name:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = blk(x, emb)
-        return self.out_conv(nnf.silu(group_norm(x, self.out_norm)))
+        return self.out_conv(silu(group_norm(x, self.out_norm)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,7 +679,7 @@ def _pos_embed_2d(dim, grid):
 def adn(x, shift, scale):
     """Adaptive double normalization (sCM §4.1) on a LayerNorm-ed x: x * pnorm(1 + scale) + pnorm(shift), where
     DiT's adaLN has x * (1 + scale) + shift."""
-    return x * pnorm(1 + scale).unsqueeze(1) + pnorm(shift).unsqueeze(1)
+    return mul(x, pnorm(1 + scale).unsqueeze(1)) + pnorm(shift).unsqueeze(1)
 
 
 class DiTBlock(nn.Module):
@@ -519,10 +688,8 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden, heads, mlp_ratio=4.0, dropout=0.0):
         super().__init__()
         self.heads = heads
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.qkv = Linear(hidden, 3 * hidden)
         self.proj = Linear(hidden, hidden)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.fc1 = Linear(hidden, int(hidden * mlp_ratio))
         self.fc2 = Linear(int(hidden * mlp_ratio), hidden)
         self.dropout = dropout
@@ -533,14 +700,14 @@ class DiTBlock(nn.Module):
     def forward(self, x, c):
         B, L, C = x.shape
         with torch.autocast(x.device.type, enabled=False):                     # the modulation in fp32 (EDM2)
-            shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(nnf.silu(c)).chunk(6, dim=1)
-        h = self.qkv(adn(self.norm1(x), shift1, scale1)).reshape(B, L, 3, self.heads, C // self.heads)
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(silu(c)).chunk(6, dim=1)
+        h = self.qkv(adn(layer_norm(x), shift1, scale1)).reshape(B, L, 3, self.heads, C // self.heads)
         q, k, v = h.permute(2, 0, 3, 1, 4).unbind(0)                           # each [B, heads, L, C/heads]
         h = attention(q, k, v).transpose(1, 2).reshape(B, L, C)
-        x = x + gate1.unsqueeze(1) * self.proj(h)
-        h = nnf.gelu(self.fc1(adn(self.norm2(x), shift2, scale2)), approximate='tanh')
-        h = nnf.dropout(h, p=self.dropout, training=self.training)
-        return x + gate2.unsqueeze(1) * self.fc2(h)
+        x = x + mul(gate1.unsqueeze(1), self.proj(h))
+        h = gelu(self.fc1(adn(layer_norm(x), shift2, scale2)))
+        h = dropout(h, self.dropout, self.training)
+        return x + mul(gate2.unsqueeze(1), self.fc2(h))
 
 
 class DiT(nn.Module):
@@ -553,10 +720,10 @@ class DiT(nn.Module):
             raise ValueError(f'input_size {input_size} must be divisible by patch_size {patch_size}')
         self.img_resolution, self.img_channels, self.label_dim = input_size, in_channels, label_dim
         self.p, self.grid = patch_size, input_size // patch_size
-        self.patch = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.patch = Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer('pos', _pos_embed_2d(hidden_size, self.grid), persistent=False)
         self.emb_time = PositionalEmbedding(time_channels)                    # c_noise(t) = t, §4.1
-        self.time_mlp = nn.Sequential(Linear(time_channels, hidden_size), nn.SiLU(),
+        self.time_mlp = nn.Sequential(Linear(time_channels, hidden_size), SiLU(),
                                       Linear(hidden_size, hidden_size))
         self.emb_label = nn.Embedding(label_dim + 1, hidden_size) if label_dim else None  # row label_dim = null
         self.emb_cfg_pos = PositionalEmbedding(time_channels) if cfg_embed else None
@@ -565,7 +732,6 @@ class DiT(nn.Module):
             nn.init.zeros_(self.emb_cfg.weight)
             nn.init.zeros_(self.emb_cfg.bias)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth))
-        self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.modulation_out = Linear(hidden_size, 2 * hidden_size)
         self.out = Linear(hidden_size, patch_size * patch_size * in_channels)
         for layer in (self.modulation_out, self.out):                           # DiT's zero init: F = 0 at start
@@ -586,8 +752,8 @@ class DiT(nn.Module):
         for blk in self.blocks:
             x = blk(x, c)
         with torch.autocast(u.device.type, enabled=False):
-            shift, scale = self.modulation_out(nnf.silu(c)).chunk(2, dim=1)
-        x = self.out(adn(self.norm_out(x), shift, scale))                       # [B, L, p*p*C]
+            shift, scale = self.modulation_out(silu(c)).chunk(2, dim=1)
+        x = self.out(adn(layer_norm(x), shift, scale))                       # [B, L, p*p*C]
         x = x.reshape(B, self.grid, self.grid, self.p, self.p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, H, W)
 
@@ -604,7 +770,7 @@ class MLP(nn.Module):
         super().__init__()
         self.dim, self.label_dim, self.dropout = dim, label_dim, dropout
         self.emb_time = PositionalEmbedding(time_channels, max_positions)
-        self.time_mlp = nn.Sequential(Linear(time_channels, hidden), nn.SiLU(), Linear(hidden, hidden))
+        self.time_mlp = nn.Sequential(Linear(time_channels, hidden), SiLU(), Linear(hidden, hidden))
         self.emb_label = nn.Embedding(label_dim + 1, hidden) if label_dim else None
         self.inp = Linear(dim, hidden)
         self.mods = nn.ModuleList(Linear(hidden, 2 * hidden) for _ in range(depth))
@@ -619,11 +785,11 @@ class MLP(nn.Module):
             c = c + self.emb_label(torch.where(labels < 0, self.label_dim, labels))
         h = self.inp(u)
         for mod, fc1, fc2 in zip(self.mods, self.fc1, self.fc2):
-            shift, scale = mod(nnf.silu(c)).chunk(2, dim=1)
-            y = pnorm(h) * pnorm(1 + scale) + pnorm(shift)                       # ADN (§4.1)
-            y = nnf.dropout(nnf.silu(fc1(y)), p=self.dropout, training=self.training)
+            shift, scale = mod(silu(c)).chunk(2, dim=1)
+            y = mul(pnorm(h), pnorm(1 + scale)) + pnorm(shift)                   # ADN (§4.1)
+            y = dropout(silu(fc1(y)), self.dropout, self.training)
             h = h + fc2(y)
-        return self.out(nnf.silu(pnorm(h)))
+        return self.out(silu(pnorm(h)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
