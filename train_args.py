@@ -8,7 +8,8 @@ from train_util import UserError
 
 OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'teacher'}
 RUN_CONTROL = {'out', 'resume', 'steps', 'data_dir', 'log_every', 'ckpt_every', 'sample_every', 'workers',
-               'on_nonfinite', 'teacher', 'batch_gpu', 'tf32', 'sample_cfg', 'sample_heun_steps'}   # all else must match
+               'on_nonfinite', 'teacher', 'batch_gpu', 'tf32', 'sample_cfg', 'sample_heun_steps',
+               'two_pass'}   # all else must match
 
 
 def add_common_args(p):
@@ -52,6 +53,8 @@ def add_cm_args(p):
     a('--tangent-norm', choices=['rms', 'l2'], help='the norm ||g|| of the tangent normalization (trigflow.py)')
     a('--warmup-steps', type=int, help='tangent warmup H: r = min(1, step / H)')
     a('--discrete', type=int, help='0: continuous time (sCM); N: the discrete-time baseline on an N-step grid')
+    a('--two-pass', action='store_true', help='the tangent from a separate no-grad JVP pass, then a forward with '
+      'gradient (trigflow.scm_loss): the same loss and gradients, ~2x a diffusion step instead of ~1.7x')
 
 
 def cm_preset(model, data, lr, steps, dropout, P, t_ref, **kw):

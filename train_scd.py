@@ -50,10 +50,11 @@ PRESETS = {
 }
 
 
-def scd_loss(net, teacher, x0, labels, *, wnet=None, net_minus=None, P_mean, P_std, r, s_max=1.0, c=0.1,
-             tangent_norm='rms', grid=None):
+def scd_loss(net, teacher, x0, labels, *, wnet=None, P_mean, P_std, r, s_max=1.0, c=0.1,
+             tangent_norm='rms', grid=None, two_pass=False):
     """sCD's loss for one batch (Alg. 1) with the (guided) teacher's PF-ODE velocity as dx_t/dt. net: the student
-    with gradient (DDP-wrapped); net_minus: the same weights for the no-grad JVP pass (net.module); wnet(t): w_phi(t);
+    with gradient, trigflow.JVP-wrapped (and DDP-wrapped: its one pass gives F_theta, the tangent, and backward's
+    all-reduce); wnet(t): w_phi(t);
     r: tangent warmup; s ~ U[1, s_max] is the CFG scale, seen by the student; grid: dsCD's times (App. E)."""
     B = x0.shape[0]
     if grid is None:
@@ -69,9 +70,9 @@ def scd_loss(net, teacher, x0, labels, *, wnet=None, net_minus=None, P_mean, P_s
         if s is not None:                                                            # with CFG at scale s
             F_teacher = tf.guided(F_teacher, lambda u, t: teacher(u, t, torch.full_like(labels, -1)), s)
         dxdt = tf.velocity(F_teacher, x_t, t)
-    net_minus = net if net_minus is None else net_minus
-    return tf.scm_loss(lambda u, t: net(u, t, labels, s), x_t, t, dxdt, F_minus=lambda u, t: net_minus(u, t, labels, s),
-                       w=None if wnet is None else wnet(t), r=r, c=c, tangent_norm=tangent_norm, dt=dt)
+    return tf.scm_loss(lambda u, t: net(u, t, labels, s), x_t, t, dxdt, w=None if wnet is None else wnet(t), r=r,
+                       c=c, tangent_norm=tangent_norm, dt=dt, two_pass=two_pass,
+                       jvp=lambda u, t, tangents: net(u, t, labels, s, tangents=tangents))
 
 
 def main():
@@ -119,7 +120,8 @@ def main():
     if args.resume:
         step, window = ck.resume(ckpt_path, 'scd', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path)
         saved_step = step
-    ddp_net, ddp_wnet = (DDP(net), DDP(wnet)) if dist.is_initialized() else (net, wnet)   # any torchrun run
+    # Any torchrun run. DDP wraps tf.JVP(net), whose forward runs the JVP: DDP cannot run inside one (trigflow.JVP).
+    ddp_net, ddp_wnet = (DDP(tf.JVP(net)), DDP(wnet)) if dist.is_initialized() else (tf.JVP(net), wnet)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, 'config.json'), 'w') as f:
@@ -144,7 +146,7 @@ def main():
             torch.manual_seed(tu.step_seed(args.seed, step, micro, rank))
             x0, labels = (v.to(device) for v in next(stream))
             with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1), tu.autocast(device, args.precision):
-                loss, micro_terms = scd_loss(ddp_net, teacher, x0, labels, wnet=ddp_wnet, net_minus=net,
+                loss, micro_terms = scd_loss(ddp_net, teacher, x0, labels, wnet=ddp_wnet, two_pass=args.two_pass,
                                              P_mean=args.P_mean, P_std=args.P_std, r=tf.tangent_warmup(
                                                  step, args.warmup_steps), s_max=args.s_max, c=args.tangent_c,
                                              tangent_norm=args.tangent_norm, grid=grid)

@@ -48,11 +48,12 @@ PRESETS = {
 }
 
 
-def sct_loss(net, x0, labels, *, wnet=None, net_minus=None, P_mean, P_std, r, c=0.1, tangent_norm='rms', grid=None):
+def sct_loss(net, x0, labels, *, wnet=None, P_mean, P_std, r, c=0.1, tangent_norm='rms', grid=None,
+             two_pass=False):
     """sCT's loss for one batch (Alg. 1): draw t and z, noise x0 to x_t; dx_t/dt = cos(t) z - sin(t) x0 comes from
-    the same (x0, z), then trigflow.scm_loss. net(u, t, labels) is the network with gradient (under DDP the wrapped
-    model), net_minus the same weights for the no-grad tangent pass (under DDP net.module; default net); wnet(t) the
-    adaptive weight; r the tangent warmup factor; grid: a discrete time grid (App. E) instead of continuous t."""
+    the same (x0, z), then trigflow.scm_loss. net(u, t, labels) is the network with gradient, trigflow.JVP-wrapped
+    (and DDP-wrapped: its one pass gives F_theta, the tangent, and backward's all-reduce); wnet(t) the adaptive
+    weight; r the tangent warmup factor; grid: a discrete time grid (App. E) instead of continuous t."""
     B = x0.shape[0]
     if grid is None:
         t, dt = tf.sample_t(B, P_mean, P_std, device=x0.device), None                 # log-normal proposal
@@ -61,9 +62,9 @@ def sct_loss(net, x0, labels, *, wnet=None, net_minus=None, P_mean, P_std, r, c=
         dt = t - t_prev
     z = torch.randn_like(x0) * tf.SIGMA_D                                            # z ~ N(0, sigma_d^2 I)
     x_t, dxdt = tf.forward_process(x0, t, z)                                         # dx_t/dt = cos t z - sin t x0
-    net_minus = net if net_minus is None else net_minus
-    return tf.scm_loss(lambda u, t: net(u, t, labels), x_t, t, dxdt, F_minus=lambda u, t: net_minus(u, t, labels),
-                       w=None if wnet is None else wnet(t), r=r, c=c, tangent_norm=tangent_norm, dt=dt)
+    return tf.scm_loss(lambda u, t: net(u, t, labels), x_t, t, dxdt, w=None if wnet is None else wnet(t), r=r, c=c,
+                       tangent_norm=tangent_norm, dt=dt, two_pass=two_pass,
+                       jvp=lambda u, t, tangents: net(u, t, labels, tangents=tangents))
 
 
 def main():
@@ -107,7 +108,8 @@ def main():
     if args.resume:
         step, window = ck.resume(ckpt_path, 'sct', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path)
         saved_step = step
-    ddp_net, ddp_wnet = (DDP(net), DDP(wnet)) if dist.is_initialized() else (net, wnet)   # any torchrun run
+    # Any torchrun run. DDP wraps tf.JVP(net), whose forward runs the JVP: DDP cannot run inside one (trigflow.JVP).
+    ddp_net, ddp_wnet = (DDP(tf.JVP(net)), DDP(wnet)) if dist.is_initialized() else (tf.JVP(net), wnet)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, 'config.json'), 'w') as f:
@@ -132,9 +134,9 @@ def main():
             torch.manual_seed(tu.step_seed(args.seed, step, micro, rank))
             x0, labels = (v.to(device) for v in next(stream))
             with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1), tu.autocast(device, args.precision):
-                loss, micro_terms = sct_loss(ddp_net, x0, labels, wnet=ddp_wnet, net_minus=net, P_mean=args.P_mean,
-                                             P_std=args.P_std, r=tf.tangent_warmup(step, args.warmup_steps),
-                                             c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid)
+                loss, micro_terms = sct_loss(ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean, P_std=args.P_std,
+                                             r=tf.tangent_warmup(step, args.warmup_steps), c=args.tangent_c,
+                                             tangent_norm=args.tangent_norm, grid=grid, two_pass=args.two_pass)
                 scaler.scale(loss / accum).backward()
             for k, v in micro_terms.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / accum

@@ -148,22 +148,47 @@ def _same_rng(device):
     return torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], device_type=device.type)
 
 
-@torch.no_grad()
-def scm_tangent(F, x_t, t, dxdt, r=1.0, sigma_d=SIGMA_D):
-    """F_minus = F(x_t/sigma_d, t) and the tangent g = cos(t) df_minus/dt of Alg. 1, before normalization:
-
-        g = -cos^2(t) (sigma_d F_minus - dxdt) - r cos(t) sin(t) (x_t + sigma_d dF_minus/dt)          (Eq. 6, Alg. 1)
-
-    sigma_d cos(t) sin(t) dF/dt comes from one torch.func.jvp with the cos*sin factor folded into the tangent inputs
-    (the JVP rearrangement of §5.1), so no intermediate tangent is scaled by the large 1/sin or 1/cos factors that
-    overflow fp16 near t = 0 or pi/2. r is the tangent warmup factor min(1, step / 10k) (§4.2)."""
-    t, x_t, dxdt = _wide(t), _wide(x_t), _wide(dxdt)
+def _jvp(F, x_t, t, dxdt, sigma_d, jvp=None):
+    """F(x_t/sigma_d, t) and cos(t) sin(t) dF/dt along (dx_t/dt, 1), from one JVP with the cos*sin factor folded into
+    the tangent inputs (the JVP rearrangement of §5.1): no intermediate tangent is scaled by the large 1/sin or 1/cos
+    factors that overflow fp16 near t = 0 or pi/2. Records a graph for F's primal if grad is on."""
     cos, sin = _bc(t.cos(), x_t), _bc(t.sin(), x_t)
-    with sdpa_kernel([SDPBackend.MATH]):       # fused SDPA has no forward AD (App. F); model.py also checks itself
-        F_minus, cs_dFdt = torch.func.jvp(F, (x_t / sigma_d, t), (cos * sin * dxdt / sigma_d, (cos * sin).flatten()))
-    F_minus, cs_dFdt = _wide(F_minus), _wide(cs_dFdt)                      # cs_dFdt = cos(t) sin(t) dF/dt
-    g = -cos ** 2 * (sigma_d * F_minus - dxdt) - r * (cos * sin * x_t + sigma_d * cs_dFdt)
-    return F_minus, g
+    if jvp is None:
+        jvp = lambda u, t, tangents: torch.func.jvp(F, (u, t), tangents)
+    with sdpa_kernel([SDPBackend.MATH]):   # fused SDPA has no forward AD; model.attention routes around this itself
+        F_val, cs_dFdt = jvp(x_t / sigma_d, t, (cos * sin * dxdt / sigma_d, (cos * sin).flatten()))
+    return _wide(F_val), _wide(cs_dFdt)
+
+
+class JVP(nn.Module):
+    """net(u, t, *args), or with tangents=(u_dot, t_dot) its torch.func.jvp: (F, dF). Under DDP wrap this, not net:
+    DDP's own forward logic then runs outside torch.func's transform, where it fails (pytorch #102197), and the
+    one-pass step's backward all-reduces the gradients as usual. scm_loss's jvp= is then
+    lambda u, t, tangents: ddp(u, t, labels, tangents=tangents)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, u, t, *args, tangents=None):
+        if tangents is None:
+            return self.net(u, t, *args)
+        return torch.func.jvp(lambda u, t: self.net(u, t, *args), (u, t), tangents)
+
+
+def _tangent(F_minus, cs_dFdt, x_t, t, dxdt, r, sigma_d):
+    """g = -cos^2(t) (sigma_d F_minus - dxdt) - r cos(t) sin(t) (x_t + sigma_d dF_minus/dt)    (Eq. 6, Alg. 1)"""
+    cos, sin = _bc(t.cos(), x_t), _bc(t.sin(), x_t)
+    return -cos ** 2 * (sigma_d * F_minus - dxdt) - r * (cos * sin * x_t + sigma_d * cs_dFdt)
+
+
+@torch.no_grad()
+def scm_tangent(F, x_t, t, dxdt, r=1.0, sigma_d=SIGMA_D, jvp=None):
+    """F_minus = F(x_t/sigma_d, t) and the tangent g = cos(t) df_minus/dt of Alg. 1, before normalization (Eq. 6):
+    the tangent alone, without gradient. r is the tangent warmup factor min(1, step / 10k) (§4.2); jvp: scm_loss's."""
+    t, x_t, dxdt = _wide(t), _wide(x_t), _wide(dxdt)
+    F_minus, cs_dFdt = _jvp(F, x_t, t, dxdt, sigma_d, jvp)
+    return F_minus, _tangent(F_minus, cs_dFdt, x_t, t, dxdt, r, sigma_d)
 
 
 def normalize_tangent(g, c=0.1, kind='rms'):
@@ -187,7 +212,7 @@ def tangent_warmup(step, H=10_000):
     return min(1.0, step / H) if H > 0 else 1.0
 
 
-def scm_loss(F, x_t, t, dxdt, *, F_minus=None, w=None, r=1.0, c=0.1, tangent_norm='rms', dt=None,
+def scm_loss(F, x_t, t, dxdt, *, w=None, r=1.0, c=0.1, tangent_norm='rms', dt=None, two_pass=False, jvp=None,
              sigma_d=SIGMA_D):
     """The sCM loss of a batch (Eq. 8, Alg. 1: tangent, normalization, loss), averaged over the batch:
 
@@ -196,29 +221,39 @@ def scm_loss(F, x_t, t, dxdt, *, F_minus=None, w=None, r=1.0, c=0.1, tangent_nor
     Its value is the weighted norm of g; its gradient pulls F_theta toward F_theta- + g, which equals the
     continuous-time CM gradient with the prior weighting 1/(sigma_d tan t) (§4.2, Eq. 2; test_scm_gradient_is_limit).
 
-    F        the network with gradient (under DDP: the wrapped model)
+    F        the network with gradient (under DDP: the wrapped model, so that backward all-reduces the gradients)
+    jvp      jvp(u, t, tangents) -> (F(u, t), dF) of the same network; default torch.func.jvp of F. Under DDP, the
+             wrapped JVP(net) below (DDP cannot run inside torch.func.jvp)
     dxdt     dx_t/dt: cos(t) z - sin(t) x0 for sCT; sigma_d F_teacher(x_t/sigma_d, t), from the teacher's EMA, for sCD
-    F_minus  the same weights for the no-grad tangent pass, theta- = stopgrad(theta) (Eq. 2). Under DDP pass the bare
-             module (model.module): the JVP then touches no DDP hooks and all ranks stay identical. Default: F.
     w        w_phi(t) [B] from AdaptiveWeight (trained jointly), or None for unit weight
     r        tangent warmup factor; c, tangent_norm: tangent normalization (c=None switches it off)
     dt       None: sCM; a number or [B]: the discrete-time dsCD baseline, finite-difference tangent (App. E)
 
-    The tangent pass and the gradient pass are two forwards; both draw the same dropout mask (the RNG is forked
-    around the first), so F_theta - F_theta- is exactly 0 in value, as in a one-pass form. The paper is silent
-    (UNCONFIRMED); iCT synchronizes the dropout RNG of student and teacher the same way.
+    One pass. Alg. 1 evaluates F at theta- = stopgrad(theta) for the tangent (lines 5-6) and at theta for the loss
+    (line 7), at the same weights and input, so both are one forward: a grad-enabled jvp returns F_theta with its
+    graph, and F_theta- = F_theta.detach() and the tangent enter g, which carries no gradient. One forward is also
+    one dropout mask. model.py's networks keep autograd from recording the tangent (its memory stays a diffusion
+    step's); a network of stock PyTorch layers gets the same loss and gradients, but autograd records the tangent's
+    ops too, ~2x the activation memory. two_pass=True is for such a network when memory binds: the tangent from a
+    no-grad JVP, then a second forward with gradient (the same dropout mask: the RNG is forked around the first),
+    ~2x a diffusion step's time instead of ~1.7x, at its memory. dsCD's tangent reuses the forward at t likewise.
     Returns (loss, terms): detached batch means for logging and the non-finite check --
     loss; mse, the weighted term's ||.||^2 / D; tangent_rms, the RMS of g before normalization; dxdt_rms; w."""
-    F_minus = F if F_minus is None else F_minus
-    with _same_rng(x_t.device):                                                   # Alg. 1: g, by JVP (or finite difference)
-        if dt is None:
-            _, g = scm_tangent(F_minus, x_t, t, dxdt, r=r, sigma_d=sigma_d)
-        else:
-            _, g = dscd_tangent(F_minus, x_t, t, dxdt, dt, r=r, sigma_d=sigma_d)
+    if dt is not None:                                                            # App. E: finite-difference tangent
+        with _same_rng(x_t.device):                                               # F_prev draws F_theta's dropout mask
+            F_theta = _wide(F(x_t / sigma_d, t))
+        _, g = dscd_tangent(F, x_t, t, dxdt, dt, r=r, sigma_d=sigma_d, F_minus=F_theta.detach())
+    elif two_pass:
+        with _same_rng(x_t.device):
+            _, g = scm_tangent(F, x_t, t, dxdt, r=r, sigma_d=sigma_d, jvp=jvp)
+        F_theta = _wide(F(x_t / sigma_d, t))
+    else:                                                                         # Alg. 1 lines 5-7 in one forward
+        t_, x_t_, dxdt_ = _wide(t), _wide(x_t), _wide(dxdt)
+        F_theta, cs_dFdt = _jvp(F, x_t_, t_, dxdt_, sigma_d, jvp)
+        g = _tangent(F_theta.detach(), cs_dFdt.detach(), x_t_, t_, dxdt_, r, sigma_d)
     tangent_rms = g.square().flatten(1).mean(1).sqrt()
     if c is not None:
         g = normalize_tangent(g, c, tangent_norm)                                 # g <- g / (||g|| + c)
-    F_theta = _wide(F(x_t / sigma_d, t))                                          # F_theta, with gradient
     # F_theta- = stopgrad(F_theta): the same forward with the gradient stopped, so F_theta - F_theta- is exactly 0.
     mse = (F_theta - F_theta.detach() - g).square().flatten(1).mean(1)
     loss = mse if w is None else w.exp() * mse - w
@@ -253,17 +288,20 @@ def sample_t_discrete(n, ts, P_mean, P_std, sigma_d=SIGMA_D, device=None, genera
 
 
 @torch.no_grad()
-def dscd_tangent(F, x_t, t, dxdt, dt, r=1.0, sigma_d=SIGMA_D):
+def dscd_tangent(F, x_t, t, dxdt, dt, r=1.0, sigma_d=SIGMA_D, F_minus=None):
     """F_minus = F(x_t/sigma_d, t) and the finite-difference tangent of Eq. 37 between t and t' = t - dt, times cos(t)
     (the same scale as scm_tangent's g; it converges to it as dt -> 0). x_t' is one DDIM step (Eq. 26) along dxdt;
-    for sCT's dxdt that step is exact (x_t' shares z). dt: a number or [B]. Both F evaluations see one dropout mask."""
+    for sCT's dxdt that step is exact (x_t' shares z). dt: a number or [B]. Both F evaluations see one dropout mask.
+    F_minus: F(x_t/sigma_d, t) if the caller has it (scm_loss); then the RNG must be where that forward began."""
     t, x_t, dxdt = _wide(t), _wide(x_t), _wide(dxdt)
     dt = _bc(torch.as_tensor(dt, dtype=x_t.dtype, device=x_t.device), x_t)
     t_prev = t - dt.flatten()
     cos, cos_p, sin_p = _bc(t.cos(), x_t), _bc(t_prev.cos(), x_t), _bc(t_prev.sin(), x_t)
     x_prev = dt.cos() * x_t - dt.sin() * dxdt                                # DDIM step t -> t' (Eq. 26)
-    with _same_rng(x_t.device):
-        F_minus = _wide(F(x_t / sigma_d, t))
+    if F_minus is None:
+        with _same_rng(x_t.device):
+            F_minus = _wide(F(x_t / sigma_d, t))
+    F_minus = _wide(F_minus)
     F_prev = _wide(F(x_prev / sigma_d, t_prev))
     # Eq. 37: Delta = [f(x_t, t) - f(x_t', t')] / sin(t - t'), rearranged so no large terms cancel
     delta = (-cos_p * (sigma_d * F_minus - dxdt)
