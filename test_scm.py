@@ -4,6 +4,7 @@ differences, closed-form Gaussian answers, the discrete-time limit, or the paper
 Run:  python -m pytest -q test_scm.py
 """
 import math
+import re
 import warnings
 
 import pytest
@@ -276,7 +277,8 @@ def test_affine_matches_pytorch_and_skips_the_weight_tangent():
 
 
 def test_attention_paths_agree():
-    """Explicit math attention (taken under a tangent) == fused SDPA, in fp32, alone and inside the networks."""
+    """Attention under a tangent (fused SDPA's value, App. F's tangent) == without one, in fp32, alone and inside the
+    networks; its tangent is finite."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
     fused = model.attention(q, k, v)
@@ -444,13 +446,14 @@ def test_diffusion_loss_learns_the_gaussian_teacher():
 
 
 def test_dropout_masks_match():
-    """The tangent pass and the gradient pass see the same dropout mask: the loss equals the weighted norm of the
-    tangent computed with the first mask, and its gradient equals that of a one-pass form built on that same mask."""
+    """two_pass=True: the tangent pass and the gradient pass see the same dropout mask: the loss equals the weighted
+    norm of the tangent computed with the first mask, and its gradient equals that of a one-pass form built on that
+    same mask."""
     net = tiny_unet(dropout=0.5).train()
     x_t, t = torch.randn(4, 1, 16, 16) * SD, torch.rand(4) + 0.2
     dxdt = torch.randn_like(x_t) * SD
     rng = torch.get_rng_state()
-    loss, terms = tf.scm_loss(net, x_t, t, dxdt, c=None)
+    loss, terms = tf.scm_loss(net, x_t, t, dxdt, c=None, two_pass=True)
     net.zero_grad()
     loss.backward()
     grad = _flat_grad(net)
@@ -670,6 +673,174 @@ def test_low_precision_autocast_jvp(make, shape, dtype, device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The one-pass step (trigflow.scm_loss, issue 20): equal to the two-pass form every public sCM code runs, and
+# autograd records no tangent.
+
+
+def tiny_mlp(dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    return randomize_(model.MLP(dim=6, hidden=16, depth=2, label_dim=3, **kw)).to(dtype)
+
+
+NETS = {'unet': (tiny_unet, (3, 1, 16, 16)), 'ddpmpp': (tiny_ddpmpp, (3, 2, 8, 8)), 'dit': (tiny_dit, (3, 2, 8, 8)),
+        'mlp': (tiny_mlp, (3, 6))}
+
+
+def two_pass_reference(F, x_t, t, dxdt, w, r, c=0.1, dt=None):
+    """Alg. 1 as written, in two passes: the tangent g from a no-grad pass (torch.func.jvp; for dsCD, dscd_tangent,
+    whose Eq. 37 test_discrete_tangent_converges_to_continuous checks against cos(t) [f(x_t, t) - f(x_t', t')] /
+    sin(t - t')), normalized by its RMS norm + c; then a second forward with gradient on the same dropout mask (the
+    RNG put back); loss e^w ||F - F.detach() - g||^2 / D - w."""
+    rng = torch.get_rng_state()
+    cos, sin = _col(t.cos(), x_t), _col(t.sin(), x_t)
+    with torch.no_grad():
+        if dt is None:
+            F_minus, cs_dFdt = torch.func.jvp(F, (x_t / SD, t), (cos * sin * dxdt / SD, t.cos() * t.sin()))
+            g = -cos ** 2 * (SD * F_minus - dxdt) - r * (cos * sin * x_t + SD * cs_dFdt)
+        else:
+            _, g = tf.dscd_tangent(F, x_t, t, dxdt, dt, r=r)
+        g = g / _col(g.flatten(1).norm(dim=1) / math.sqrt(g[0].numel()) + c, g)
+    torch.set_rng_state(rng)
+    F_theta = F(x_t / SD, t)
+    mse = (F_theta - F_theta.detach() - g).square().flatten(1).mean(1)
+    return (w.exp() * mse - w).mean()
+
+
+def _grads(*modules):
+    return {f'{i}.{n}': p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters()
+            if p.grad is not None}
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize('mode', ['sCT', 'sCD', 'sCD-guided', 'dsCD'])
+@pytest.mark.parametrize('arch', list(NETS))
+def test_one_pass_equals_two_pass_reference(arch, mode, dtype, tol):
+    """The loss and every parameter's gradient (of F_theta and of w_phi) of the one-pass scm_loss equal the two-pass
+    reference's, with dropout on, so the one pass sees the reference's mask; two_pass=True equals it too."""
+    make, shape = NETS[arch]
+    guided = mode == 'sCD-guided'
+    net = make(dtype, dropout=0.3, **(dict(cfg_embed=True) if guided and arch in ('unet', 'dit') else {})).train()
+    wnet = tf.AdaptiveWeight().to(dtype)
+    torch.nn.init.normal_(wnet.linear.weight, std=0.3)
+    torch.manual_seed(1)
+    x0, z = torch.randn(shape, dtype=dtype) * SD, torch.randn(shape, dtype=dtype) * SD
+    t = torch.tensor([0.1, 0.8, 1.5], dtype=dtype)
+    labels, s = torch.tensor([0, 2, -1]), torch.tensor([1.0, 2.5, 4.0], dtype=dtype)
+    x_t, dxdt = tf.forward_process(x0, t, z)
+    if mode != 'sCT':                                           # a teacher: another network, no dropout, no grad
+        teacher = make(dtype).eval().requires_grad_(False)
+        randomize_(teacher, seed=5)
+        F_teacher = lambda u, t: teacher(u, t, labels)
+        if guided:
+            F_teacher = tf.guided(F_teacher, lambda u, t: teacher(u, t, torch.full_like(labels, -1)), s)
+        dxdt = tf.velocity(F_teacher, x_t, t)
+    F = lambda u, t: net(u, t, labels, s if guided else None)
+    dt, r = (0.05 if mode == 'dsCD' else None), 0.7
+    results = []
+    for kind in ('reference', 'one pass', 'two_pass=True'):
+        torch.manual_seed(7)
+        net.zero_grad(set_to_none=True), wnet.zero_grad(set_to_none=True)
+        if kind == 'reference':
+            loss = two_pass_reference(F, x_t, t, dxdt, wnet(t), r, dt=dt)
+        else:
+            loss, _ = tf.scm_loss(F, x_t, t, dxdt, w=wnet(t), r=r, dt=dt, two_pass=kind != 'one pass')
+        loss.backward()
+        results.append((loss.detach(), _grads(net, wnet), torch.randn(())))
+    (loss_ref, grads_ref, after_ref) = results[0]
+    assert len(grads_ref) == len(list(net.parameters())) + 1 or arch == 'unet'
+    for kind, (loss, grads, after) in zip(('one pass', 'two_pass=True'), results[1:]):
+        assert abs(loss - loss_ref) <= tol * abs(loss_ref), (kind, loss, loss_ref)
+        assert grads.keys() == grads_ref.keys(), kind
+        for name, g in grads.items():
+            ref = grads_ref[name]
+            assert (g - ref).norm() <= tol * ref.norm(), (kind, name, rel(g, ref))
+        assert after == after_ref, kind                         # the RNG advanced as far: one dropout draw
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for backward while fn runs (a tensor without a storage of its
+    own, such as a tangent inside a torch.func transform: its size)."""
+    seen = {}
+
+    def pack(x):
+        try:
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            seen[id(x)] = x.numel() * x.element_size()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize('arch', list(NETS))
+def test_one_pass_records_no_tangent(arch):
+    """Under a grad-enabled torch.func.jvp the tangent has no grad_fn, and autograd saves exactly what a plain
+    forward saves: no tangent is kept for a backward that never needs it. A stock layer (nn.SiLU) breaks both."""
+    make, shape = NETS[arch]
+    net = make(dropout=0.3).train()
+    u, t = torch.randn(shape), torch.rand(shape[0]) + 0.1
+    tangents = (torch.randn_like(u), torch.ones_like(t))
+    torch.manual_seed(0)
+    plain, F_plain = _saved_bytes(lambda: net(u, t))
+    torch.manual_seed(0)
+    one_pass, (F_theta, dF) = _saved_bytes(lambda: torch.func.jvp(lambda u, t: net(u, t), (u, t), tangents))
+    assert F_theta.grad_fn is not None and dF.grad_fn is None and not dF.requires_grad
+    assert one_pass == plain, (one_pass, plain)
+    assert (F_theta - F_plain).abs().max() == 0
+    # one stock op (PyTorch's SiLU) on the output: its tangent rule is recorded, and more is saved than in a forward
+    stock = lambda u, t: torch.nn.functional.silu(net(u, t))
+    torch.manual_seed(0)
+    plain, _ = _saved_bytes(lambda: stock(u, t))
+    torch.manual_seed(0)
+    recorded, (_, dF) = _saved_bytes(lambda: torch.func.jvp(stock, (u, t), tangents))
+    assert dF.grad_fn is not None and recorded > plain, (recorded, plain)
+
+
+def test_primitives_tangents_and_gradients_match_finite_differences():
+    """Every primitive with a hand-written tangent: gradcheck in fp64 checks its backward and its tangent (forward
+    AD) against finite differences, for each input alone and all together; and its tangent equals PyTorch's own."""
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64)
+    gn = torch.nn.GroupNorm(2, 4, eps=1e-5).double()
+    torch.nn.init.normal_(gn.weight), torch.nn.init.normal_(gn.bias)
+    cases = [   # (primitive, inputs, PyTorch's own op for the same value)
+        (model.silu, (torch.randn(3, 5, **d),), torch.nn.functional.silu),
+        (model.gelu, (torch.randn(3, 5, **d),), lambda x: torch.nn.functional.gelu(x, approximate='tanh')),
+        (model.mul, (torch.randn(3, 5, **d), torch.randn(1, 5, **d)), torch.mul),
+        (lambda x: model.normalize(x), (torch.randn(3, 4, 2, **d),),
+         lambda x: x / (1e-4 + x.flatten(1).norm(dim=1).reshape(-1, 1, 1) / math.sqrt(8))),
+        (lambda x: model.normalize(x, dim=1), (torch.randn(3, 4, 2, 2, **d),),
+         lambda x: x / (1e-4 + x.norm(dim=1, keepdim=True) / 2)),
+        (model.pnorm, (torch.randn(3, 6, **d),), lambda v: v / (v.square().mean(1, keepdim=True) + 1e-8).sqrt()),
+        (model.layer_norm, (torch.randn(2, 3, 8, **d),), lambda x: torch.nn.functional.layer_norm(x, (8,), eps=1e-6)),
+        (lambda x: model.group_norm(x, gn), (torch.randn(2, 4, 3, 3, **d),), gn),
+        (model.attention, tuple(torch.randn(2, 2, 5, 4, **d) for _ in range(3)),
+         lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v),
+        (lambda x, w, b: model.affine(x, w, b), (torch.randn(2, 3, 5, 5, **d), torch.randn(4, 3, 3, 3, **d),
+                                               torch.randn(4, **d)),
+         lambda x, w, b: torch.nn.functional.conv2d(x, w, b, padding=1)),
+    ]
+    for op, xs, ref in cases:
+        xs = [x.requires_grad_() for x in xs]
+        assert (op(*xs) - ref(*xs)).abs().max() < 1e-10, op
+        assert torch.autograd.gradcheck(op, xs, check_forward_ad=True), op
+        for i in range(len(xs)):                                # a tangent on one input only
+            part = lambda x, i=i: op(*xs[:i], x, *xs[i + 1:])
+            assert torch.autograd.gradcheck(part, (xs[i],), check_forward_ad=True), (op, i)
+        tangents = tuple(torch.randn_like(x) for x in xs)
+        _, y_t = torch.func.jvp(op, tuple(x.detach() for x in xs), tangents)
+        _, y_t_ref = torch.func.jvp(ref, tuple(x.detach() for x in xs), tangents)
+        assert rel(y_t, y_t_ref) < 1e-10, op
+    # dropout: its tangent is the mask's product, drawn as nnf.dropout draws it
+    x = torch.randn(4, 8, **d)
+    torch.manual_seed(3)
+    y, y_t = torch.func.jvp(lambda x: model.dropout(x, 0.5, True), (x,), (torch.ones_like(x),))
+    torch.manual_seed(3)
+    assert (y - torch.nn.functional.dropout(x, 0.5, True)).abs().max() < 1e-12 and (y == x * y_t).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # On a GPU (skipped without CUDA; gpu_check.sh runs them with test_low_precision_autocast_jvp[...cuda]):
 # the attention paths, NCCL.
 
@@ -677,9 +848,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (run
 
 
 @cuda
-def test_cuda_attention_fused_without_tangent_math_under_jvp(monkeypatch):
-    """Fused SDPA (flash/memory-efficient kernels) whenever no tangent is active; the explicit math path under the
-    JVP, where the fused kernels have no forward AD; the two agree."""
+def test_cuda_attention_fused_also_under_jvp(monkeypatch):
+    """Fused SDPA (flash/memory-efficient kernels) for attention's value and backward, with or without a tangent;
+    under the JVP the tangent is App. F's formula, which agrees with PyTorch's JVP of the math path."""
     calls = []
     fused = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(model.nnf, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or fused(*a, **k))
@@ -687,10 +858,15 @@ def test_cuda_attention_fused_without_tangent_math_under_jvp(monkeypatch):
     u, t = torch.randn(2, 1, 16, 16, device='cuda'), torch.rand(2, device='cuda')
     with torch.autocast('cuda', dtype=torch.bfloat16):
         plain = net(u, t)
-        n_fused = len(calls)
+        n_plain = len(calls)
         via_jvp, _ = torch.func.jvp(lambda u: net(u, t), (u,), (torch.randn_like(u),))
-    assert n_fused > 0 and len(calls) == n_fused                               # none under the JVP
+    assert n_plain > 0 and len(calls) == 2 * n_plain                           # fused under the JVP too
     assert (plain.float() - via_jvp.float()).abs().max() < 0.05
+    q, k, v = (torch.randn(2, 2, 64, 16, device='cuda') for _ in range(3))
+    tangents = tuple(torch.randn_like(q) for _ in range(3))
+    _, y_t = torch.func.jvp(model.attention, (q, k, v), tangents)
+    _, y_t_math = torch.func.jvp(lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v, (q, k, v), tangents)
+    assert rel(y_t, y_t_math) < 1e-4
 
 
 @cuda
@@ -817,6 +993,65 @@ def test_ddp_two_ranks_stay_identical(script, image_folder, tiny_teacher, tmp_pa
     p = run_script(script, '--preset', 'fashion-s', '--data', image_folder, *extra, *method_args(script, tiny_teacher),
                    '--out', tmp_path / 'accum', '--steps', 2, '--batch-gpu', 2, nproc=2)
     assert 'identical: True' in p.stdout, p.stdout
+
+
+DDP_GRADIENTS = r"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import model, trigflow as tf
+from torch.nn.parallel import DistributedDataParallel as DDP
+cuda = sys.argv[2] == 'nccl'
+dist.init_process_group(sys.argv[2])
+rank, dev = dist.get_rank(), torch.device('cuda', dist.get_rank()) if cuda else torch.device('cpu')
+dtype = torch.float32 if cuda else torch.float64
+torch.manual_seed(0)
+net = model.UNet(**dict(model.UNET_PRESETS['tiny'], dropout=0.3)).to(dev, dtype).train()
+ddp = DDP(tf.JVP(net))
+torch.manual_seed(100 + rank)                                       # each rank its own batch and dropout mask
+x_t, dxdt = torch.randn(3, 1, 16, 16, device=dev, dtype=dtype) * 0.5, torch.randn(3, 1, 16, 16, device=dev, dtype=dtype)
+t = torch.tensor([0.2, 0.9, 1.4], device=dev, dtype=dtype)
+flat = lambda: torch.cat([p.grad.flatten() for p in net.parameters()])
+out = []
+for two_pass in (False, True):
+    rng = torch.get_rng_state()
+    net.zero_grad(set_to_none=True)
+    tf.scm_loss(lambda u, t: ddp(u, t), x_t, t, dxdt, two_pass=two_pass,
+                jvp=lambda u, t, tangents: ddp(u, t, tangents=tangents))[0].backward()     # all-reduced
+    synced = flat()
+    torch.set_rng_state(rng)
+    net.zero_grad(set_to_none=True)
+    tf.scm_loss(net, x_t, t, dxdt, two_pass=two_pass)[0].backward()                          # this rank's own
+    local = flat()
+    every = [torch.empty_like(synced) for _ in range(2)]
+    dist.all_gather(every, synced)
+    mean = local.clone()
+    dist.all_reduce(mean)
+    mean /= 2
+    out.append((torch.equal(every[0], every[1]), ((synced - mean).norm() / mean.norm()).item(),
+                ((local - mean).norm() / mean.norm()).item()))
+if rank == 0:
+    for (same, err, spread), name in zip(out, ('one pass', 'two_pass')):
+        print(f'{name}: identical {same} err {err:.3g} spread {spread:.3g}')
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize('backend', ['gloo', pytest.param('nccl', marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason='needs 2 GPUs (gloo on CPU runs everywhere)'))])
+def test_ddp_gradients_of_the_one_pass_are_the_mean_of_the_ranks(backend, tmp_path):
+    """2 ranks, DDP(trigflow.JVP(net)), each rank its own batch and dropout mask: after the one-pass (and the
+    two-pass) scm_loss's backward, the gradients are identical on both ranks and equal the mean of the gradients each
+    rank computes alone, without DDP (and those differ, so the all-reduce did something)."""
+    script = tmp_path / 'ddp_gradients.py'
+    script.write_text(DDP_GRADIENTS)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(script), ROOT, backend], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    tol = 1e-12 if backend == 'gloo' else 1e-5
+    for name in ('one pass', 'two_pass'):
+        m = re.search(rf'^{name}: identical (\w+) err (\S+) spread (\S+)$', p.stdout, re.M)
+        assert m and m[1] == 'True' and float(m[2]) < tol and float(m[3]) > 1e-3, p.stdout
 
 
 def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
@@ -1532,6 +1767,20 @@ def test_offline_demo_quick(tmp_path):
     for k in ('sCD 1-step', 'sCD 2-step', 'sCT 1-step', 'sCT 2-step'):
         assert d[k] < 0.1 * d['untrained 1-step'] and d[k] < 0.8 * d['noise N(0, sigma_d^2 I)'], (k, d)
     assert os.path.getsize(tmp_path / 'demo.png') > 1000
+
+
+def test_bench_runs_every_kind():
+    """bench.py at a toy size: every row (one pass, two passes, the stock network) with a time and a peak memory,
+    under the glibc settings it restarts itself with."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--sizes', 'fashion-s', '--batch', '2',
+                        '--rounds', '1'], env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'glibc keeping freed memory' in p.stdout, p.stdout
+    import bench
+    for kind in bench.KINDS:
+        row = re.search(rf'^  {re.escape(kind)} +([0-9.]+) +([0-9.]+) +[0-9.]+ +(-?[0-9.]+) ', p.stdout, re.M)
+        assert row and float(row[1]) > 0, (kind, p.stdout)
 
 
 def test_plot_hero_puts_the_grids_side_by_side(tmp_path):
