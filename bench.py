@@ -4,16 +4,26 @@
   python bench.py --device cuda --precision bf16 --batch auto --sizes s            # on a GPU (gpu_check.sh)
 
 For each model size, one optimizer step of each kind, in rotation so that load on a shared machine hits them alike:
-  diffusion  the teacher's step: F forward with gradient, TrigFlow loss (Eq. 4), backward
-  sCT        the JVP pass (no grad) for F_theta- and its tangent, F forward with gradient, backward (Alg. 1)
-  sCD        sCT plus one no-grad forward of the (frozen) teacher for dx_t/dt; a guided teacher costs one more
+  diffusion      the teacher's step: F forward with gradient, TrigFlow loss (Eq. 4), backward
+  sCT            one pass (trigflow.scm_loss): a grad-enabled JVP gives F_theta and its tangent, then backward
+  sCD            sCT plus one no-grad forward of the (frozen) teacher for dx_t/dt; a guided teacher costs one more
+  sCT/sCD 2-pass two_pass=True: the JVP without grad for the tangent, then a second forward with gradient (the form
+                 of every public sCM code)
+  sCD stock      one pass through the same network with PyTorch's own rules for every op, as a network of stock
+                 layers gets: autograd records the tangent (model.py's primitives keep it from doing so)
 and sampling: 1 and 2 consistency steps against the teacher's EDM Heun with 18 steps (35 NFE).
-Reports the median time of each, the ratio to the diffusion step, and the peak memory above the model's own
-(CUDA: max_memory_allocated; CPU: the process's resident-set high-water mark, measured in a fresh process per kind).
-Then where the sCD step's time goes: a no-grad forward, the JVP pass alone, and the JVP pass with PyTorch's own
-conv/linear JVP rules instead of model.affine's (which skip the weight's zero tangent).
+Reports the median time of each, the ratio to the diffusion step, and the peak memory of a step above what the model,
+its optimizer state and the batch hold (CUDA: max_memory_allocated; CPU: the resident-set high-water mark with
+glibc returning every freed block at once, MALLOC_MMAP_THRESHOLD_; each kind in a fresh process, after a warm-up step).
+Then where the sCD step's time goes: a no-grad forward, the JVP pass alone, and with PyTorch's rules.
+
+On CPU the timing runs with glibc's malloc keeping freed memory (KEEP_MEMORY), as PyTorch's CUDA caching allocator
+does: by default glibc hands large freed blocks back to the OS, and the next step faults them in again, zeroed. That
+cost depends on how a kind allocates, not on its arithmetic (README: Cost), and a GPU never pays it. --glibc-default
+measures with it.
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -35,6 +45,20 @@ SIZES = {   # name -> U-Net kwargs (28x28 grayscale like Fashion-MNIST, 32x32 RG
 }
 
 
+@contextlib.contextmanager
+def stock_rules(on=True):
+    """Every model.py primitive as the plain op, under PyTorch's own JVP rules: what a network of stock layers gets
+    (attention: PyTorch's SDPA, which trigflow restricts to its math path under the JVP)."""
+    primitive = model._primitive
+    if on:
+        model._primitive = lambda op, rule, *xs: (torch.nn.functional.scaled_dot_product_attention(*xs)
+                                                  if op is model._sdpa else op(*xs))
+    try:
+        yield
+    finally:
+        model._primitive = primitive
+
+
 def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
     """One optimizer step of `kind` on the batch x0 (fresh t and z each call)."""
     def step():
@@ -42,15 +66,15 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
         t = tf.sample_t(B, -0.8, 1.6, device=x0.device)
         z = torch.randn_like(x0) * tf.SIGMA_D
         F = lambda u, t: net(u, t, labels)
-        with amp():
+        with amp(), stock_rules(kind.endswith('stock')):
             if kind == 'diffusion':
                 loss, _ = tf.diffusion_loss(F, x0, t, z, w=wnet(t))
             else:
                 x_t, dxdt = tf.forward_process(x0, t, z)
-                if kind == 'sCD':
+                if kind.startswith('sCD'):
                     with torch.no_grad():
                         dxdt = tf.velocity(lambda u, t: teacher(u, t, labels), x_t, t)
-                loss, _ = tf.scm_loss(F, x_t, t, dxdt, w=wnet(t))
+                loss, _ = tf.scm_loss(F, x_t, t, dxdt, w=wnet(t), two_pass=kind.endswith('2-pass'))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -59,21 +83,20 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
         B = x0.shape[0]
         t = tf.sample_t(B, -0.8, 1.6, device=x0.device)
         x_t, dxdt = tf.forward_process(x0, t, torch.randn_like(x0) * tf.SIGMA_D)
-        with amp(), torch.no_grad():
+        with amp(), torch.no_grad(), stock_rules(kind.endswith('stock')):
             if kind == 'forward':
                 net(x_t / tf.SIGMA_D, t, labels)
-            else:  # 'JVP pass': F_theta- and its tangent, as in scm_loss
-                if kind == 'JVP, torch rules':   # the same pass with PyTorch's own conv/linear JVP (model.affine's doc)
-                    model.affine = model._affine
-                try:
-                    tf.scm_tangent(lambda u, t: net(u, t, labels), x_t, t, dxdt)
-                finally:
-                    model.affine = AFFINE
+            else:  # the JVP pass alone: F and its tangent, as in scm_loss
+                tf.scm_tangent(lambda u, t: net(u, t, labels), x_t, t, dxdt)
     return part if kind in PARTS else step
 
 
-PARTS = ('forward', 'JVP pass', 'JVP, torch rules')   # timed alongside the steps (no memory measured)
-AFFINE = model.affine
+KINDS = ('diffusion', 'sCT', 'sCD', 'sCT 2-pass', 'sCD 2-pass', 'sCD stock')
+PARTS = ('forward', 'JVP pass', 'JVP pass, stock')   # timed alongside the steps (no memory measured)
+
+
+KEEP_MEMORY = {'MALLOC_MMAP_THRESHOLD_': str(2 ** 32), 'MALLOC_TRIM_THRESHOLD_': str(2 ** 36),
+               'MALLOC_TOP_PAD_': str(2 ** 30)}   # glibc: no mmap'd blocks, never trim, grow the heap 1 GiB at a time
 
 
 def sync(device):
@@ -96,34 +119,39 @@ def setup(args, size):
     return device, net, teacher, wnet, opt, x0, labels, amp
 
 
-def rss_mb():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
-
-
 def child(args):
-    """Measure the peak memory of one kind in this (fresh) process; print one JSON line."""
+    """Measure the peak memory of one kind in this (fresh) process, after a warm-up step; print one JSON line."""
     device, net, teacher, wnet, opt, x0, labels, amp = setup(args, args.size)
     step = make_step(args.kind, net, teacher, wnet, opt, x0, labels, amp)
+    step()                                 # warm-up: Adam's state, one-time allocations
+    opt.zero_grad(set_to_none=True)
     sync(device)
-    # the base: weights, teacher and batch; the peak: over two steps (the first also creates Adam's state)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2 ** 20
-        step(), step()
+        step()
         sync(device)
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
-        base = rss_mb()
-        step(), step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with open('/proc/self/clear_refs', 'w') as f:   # resets the high-water mark VmHWM to the current RSS
+            f.write('5')
+        base = status_mb('VmRSS')
+        step()
+        peak = status_mb('VmHWM')
     print(json.dumps(dict(kind=args.kind, extra_mb=peak - base)))
+
+
+def status_mb(key):
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ':')) / 1024
 
 
 def measure_memory(args, size, kind, check=True):
     cmd = [sys.executable, __file__, '--child', '--size', size, '--kind', kind, '--device', args.device,
            '--batch', str(args.batch), '--precision', args.precision]
-    p = subprocess.run(cmd, capture_output=True, text=True, check=check)
+    env = {k: v for k, v in os.environ.items() if k not in KEEP_MEMORY}
+    env['MALLOC_MMAP_THRESHOLD_'] = '65536'                  # freed blocks go back to the OS at once: RSS = live memory
+    p = subprocess.run(cmd, capture_output=True, text=True, check=check, env=env)
     return json.loads(p.stdout.strip().splitlines()[-1])['extra_mb'] if p.returncode == 0 else None
 
 
@@ -142,6 +170,7 @@ def main():
     p.add_argument('--rounds', type=int, default=5, help='timed rounds (after one warm-up round)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--precision', choices=['fp32', 'bf16', 'fp16'], default='fp32')
+    p.add_argument('--glibc-default', action='store_true', help="CPU: time with glibc's default malloc settings")
     p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--size', help=argparse.SUPPRESS)
     p.add_argument('--kind', help=argparse.SUPPRESS)
@@ -149,9 +178,12 @@ def main():
     if args.child:
         args.batch = int(args.batch)
         return child(args)
-    kinds = ['diffusion', 'sCT', 'sCD']
+    keep = args.device == 'cpu' and not args.glibc_default
+    if keep and any(os.environ.get(k) != v for k, v in KEEP_MEMORY.items()):   # glibc reads them at start: restart
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], dict(os.environ, **KEEP_MEMORY))
+    kinds = list(KINDS)
     print(f'device {args.device} ({torch.get_num_threads()} threads), batch {args.batch}, {args.precision}, '
-          f'median of {args.rounds} rounds')
+          f'median of {args.rounds} rounds' + (', glibc keeping freed memory' if keep else ''))
     auto = args.batch == 'auto'
     for size in args.sizes:
         args.batch = largest_batch(args, size) if auto else int(args.batch)
@@ -171,15 +203,16 @@ def main():
         mem = {k: measure_memory(args, size, k) for k in kinds}
         print(f'\n{size}: U-Net {n_params:.2f}M parameters, {tuple(x0.shape[1:])}, batch {args.batch}'
               + (' (the largest that fits)' if auto else ''))
-        print(f'  {"step":10s} {"s/step":>8s} {"x diffusion":>12s} {"images/s":>9s} {"peak MB":>9s} {"x diffusion":>12s}')
+        print(f'  {"step":12s} {"s/step":>8s} {"x diffusion":>12s} {"images/s":>9s} {"peak MB":>9s} {"x diffusion":>12s}')
         for k in kinds:
-            print(f'  {k:10s} {med[k]:8.3f} {med[k] / med["diffusion"]:12.2f} {args.batch / med[k]:9.1f} {mem[k]:9.0f} '
+            print(f'  {k:12s} {med[k]:8.3f} {med[k] / med["diffusion"]:12.2f} {args.batch / med[k]:9.1f} {mem[k]:9.0f} '
                   f'{mem[k] / mem["diffusion"]:12.2f}')
-        fwd, jvp, jvp_torch = med['forward'], med['JVP pass'], med['JVP, torch rules']
-        print(f'  where the time goes: a no-grad forward {fwd:.3f} s, the JVP pass {jvp:.3f} s ({jvp / fwd:.2f} forwards; '
-              f'{jvp_torch / fwd:.2f} with PyTorch\'s conv/linear JVP rules), the diffusion step '
-              f'{med["diffusion"] / fwd:.2f} forwards;\n  so sCD ~ teacher forward + JVP pass + diffusion step = '
-              f'{(fwd + jvp + med["diffusion"]) / med["diffusion"]:.2f}x the diffusion step')
+        fwd, jvp, jvp_stock = med['forward'], med['JVP pass'], med['JVP pass, stock']
+        print(f'  where the time goes: a no-grad forward {fwd:.3f} s, the JVP pass alone {jvp:.3f} s ({jvp / fwd:.2f} '
+              f'forwards; {jvp_stock / fwd:.2f} with PyTorch\'s rules), the diffusion step {med["diffusion"] / fwd:.2f} '
+              f'forwards;\n  so one-pass sCD ~ teacher forward + JVP pass + backward (a diffusion step less its forward) = '
+              f'{(jvp + med["diffusion"]) / med["diffusion"]:.2f}x the diffusion step; two passes add a forward: '
+              f'{(fwd + jvp + med["diffusion"]) / med["diffusion"]:.2f}x')
         net.eval()
         z = torch.randn_like(x0) * tf.SIGMA_D
         F = lambda u, t: net(u, t, labels)

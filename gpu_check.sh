@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check: the CUDA tests (bf16/fp16 tangents at T_MIN and T_MAX against fp32, fused attention without a tangent
-# and the math path under the JVP, a torchrun process on NCCL), then one table: diffusion / sCT / sCD step time,
-# images/s and peak memory of sCM's S U-Net (280M) on random 64x64x4 latents in bf16 at the largest power-of-two
-# batch that fits, and 1- and 2-step sampling against Heun with 35 NFE. Not yet run on a GPU; its timeouts (180 s +
-# 300 s) keep it within 8 minutes.
+# The GPU check: the CUDA tests (bf16/fp16 tangents at T_MIN and T_MAX against fp32, fused attention also under the
+# JVP with App. F's tangent, a torchrun process on NCCL, and on a machine with 2 GPUs the 2-rank NCCL check that the
+# one-pass step's gradients are identical on both ranks and the mean of theirs), then one table: diffusion / sCT / sCD
+# step time, images/s and peak memory of sCM's S U-Net (280M) on random 64x64x4 latents in bf16 at the largest
+# power-of-two batch that fits, one-pass rows beside the two-pass ones and a stock-network row, and 1- and 2-step
+# sampling against Heun with 35 NFE. Not yet run on a GPU; its timeouts (180 s + 420 s) keep it within 10 minutes.
 #
 #   bash gpu_check.sh            # needs a CUDA build of torch and one GPU; prints the card, the tests, the table
 set -euo pipefail
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
-timeout 180 python -m pytest -q test_scm.py -k cuda -p no:cacheprovider
-timeout 300 python bench.py --device cuda --precision bf16 --batch auto --sizes s --rounds 3
+timeout 180 python -m pytest -q -rs test_scm.py -k "cuda or nccl" -p no:cacheprovider
+timeout 420 python bench.py --device cuda --precision bf16 --batch auto --sizes s --rounds 3

@@ -3,10 +3,12 @@
   python plot.py hero runs/repro-fashion-s/grids figures/hero.png     # teacher | sCD 1 step | sCD 2 steps
   python plot.py curve runs/repro-fashion-s/curve.txt figures/repro/fid-vs-steps.png   # FID vs training step
   python plot.py tmid runs/repro-fashion-s/tmid.txt runs/repro-fashion-s/curve.txt figures/repro/fid-vs-tmid.png
+  python plot.py passes runs/repro-fashion-s/scd-1pass runs/repro-fashion-s/scd-2pass figures/repro/passes.png
 
-`hero` needs pillow only; `curve` and `tmid` need matplotlib (optional: `pip install matplotlib`), used nowhere else.
+`hero` needs pillow only; `curve`, `tmid` and `passes` need matplotlib (optional: `pip install matplotlib`), used nowhere else.
 """
 import argparse
+import json
 import os
 
 from PIL import Image, ImageDraw
@@ -70,6 +72,28 @@ def tmid(path, curve_path, out):
     save(fig, out)
 
 
+def passes(one, two, out):
+    """The sCD loss of the one-pass and the two-pass run (the same teacher, seed and data: only the arithmetic
+    differs) against the step, from their log.jsonl, and their largest relative difference, printed."""
+    plt = pyplot()
+    logs = [[json.loads(line) for line in open(os.path.join(run, 'log.jsonl'))] for run in (one, two)]
+    steps = [r['step'] for r in logs[0]]
+    if steps != [r['step'] for r in logs[1]]:
+        raise SystemExit(f'error: {one} and {two} logged different steps')
+    diff = max(abs(a['loss'] - b['loss']) / abs(b['loss']) for a, b in zip(*logs))
+    print(f'loss, one pass vs two passes: largest relative difference {diff:.2e} over {len(steps)} records '
+          f'(steps {steps[0]}..{steps[-1]})')
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for log, style, name in zip(logs, ('-', '--'), ('one pass', 'two passes')):
+        ax.plot(steps, [r['loss'] for r in log], style, label=f'sCD, {name}')
+    ax.set_xlabel('training step')
+    ax.set_ylabel('sCD loss (Eq. 8)')
+    ax.set_title(f'largest relative difference {diff:.1e}', fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, out)
+
+
 def teacher_lines(ax, teacher):
     """The teacher's FID (the last of curve.txt's teacher lines, if any) and x 1.10 / x 1.15, as horizontal lines."""
     if teacher:
@@ -84,7 +108,7 @@ def pyplot():
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit('error: plot.py curve and tmid need matplotlib (pip install matplotlib)') from None
+        raise SystemExit('error: plot.py curve, tmid and passes need matplotlib (pip install matplotlib)') from None
     return plt
 
 
@@ -117,11 +141,17 @@ def main():
     s.add_argument('tmid', help="reproduce.sh's tmid.txt")
     s.add_argument('curve', help="reproduce.sh's curve.txt (for the teacher's FID)")
     s.add_argument('out', help='the PNG to write')
+    s = sub.add_parser('passes', help='the loss of a one-pass and a two-pass sCD run (needs matplotlib)')
+    s.add_argument('one', help='the one-pass run folder')
+    s.add_argument('two', help='the two-pass run folder (--two-pass)')
+    s.add_argument('out', help='the PNG to write')
     args = p.parse_args()
     if args.command == 'hero':
         hero(args.grids, args.out)
     elif args.command == 'curve':
         curve(args.curve, args.out)
+    elif args.command == 'passes':
+        passes(args.one, args.two, args.out)
     else:
         tmid(args.tmid, args.curve, args.out)
 

@@ -5,7 +5,8 @@
 # stopped and a finished stage is skipped, so run it again after an interruption, in as many sittings as it takes.
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
-#   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot)
+#   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot,
+#                                            # passes: not in the default list)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
 #
 # Writes runs/repro-$PRESET/: {teacher,scd,sct,dscd1024,dscd64}/ (checkpoints, logs, grids), ref-train-$NUM.npz,
@@ -111,6 +112,22 @@ if has tmid; then   # is the paper's t = 1.1 (tuned on ImageNet) what limits 2-s
     done
     echo "sCD 2-step FID ($CURVE_NUM samples) at step $CM_STEPS against the intermediate time t (paper: 1.1):"
     sort -n "$R/tmid.txt"
+fi
+if has passes; then   # the one-pass sCD step against the two-pass form: the same teacher, seed and batches
+    PASS_STEPS=${PASS_STEPS:-300}
+    OMP_NUM_THREADS=1 train train_scd.py "$R/scd-1pass" "$PASS_STEPS" --teacher "$T" --log-every 10 &
+    OMP_NUM_THREADS=1 train train_scd.py "$R/scd-2pass" "$PASS_STEPS" --teacher "$T" --log-every 10 --two-pass &
+    wait %1 && wait %2
+    for seed in 0 1; do
+        for m in 1pass 2pass; do
+            put "$R/passes.txt" "scd-$m-2step-seed$seed" "$R/scd-$m/checkpoint.pt" "$NUM" --steps 2 --seed $seed
+        done
+    done
+    echo "sCD after $PASS_STEPS steps, 2-step FID ($NUM samples) for two sampling seeds:"
+    column -t "$R/passes.txt"
+    mkdir -p "$FIG/repro"
+    cp "$R/passes.txt" "$FIG/repro/"
+    $PY plot.py passes "$R/scd-1pass" "$R/scd-2pass" "$FIG/repro/passes.png"
 fi
 if has plot; then
     mkdir -p "$FIG/repro"
