@@ -76,10 +76,8 @@ class _NoGradTangent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, _):
-        y_edge, x_edges = ctx.ends if ctx.ends is not None and gy is not None else (None, [])
-        ctx.ends = None
-        inner = torch.autograd.grad(y_edge, [e for e in x_edges if e is not None], gy) if y_edge else ()
-        grads = iter(inner)
+        (y_edge, x_edges), ctx.ends = ctx.ends, None
+        grads = iter(torch.autograd.grad(y_edge, [e for e in x_edges if e is not None], gy))
         return (None, None, None) + tuple(None if e is None else next(grads) for e in x_edges)
 
     @staticmethod
