@@ -63,14 +63,14 @@ class _NoGradTangent(torch.autograd.Function):
     def forward(op, rule, grad_enabled, *xs):
         with torch.set_grad_enabled(grad_enabled):
             y = op(*xs)
-        ends = None
+        ends = _Opaque()           # one leaf for torch.func's pytree handling of the outputs: flattening is not free
         if y.requires_grad:
-            ends = (get_gradient_edge(y), [get_gradient_edge(x) if _requires_grad(x) else None for x in xs])
+            ends.value = (get_gradient_edge(y), [get_gradient_edge(x) if _requires_grad(x) else None for x in xs])
         return y.detach(), ends
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.rule, ctx.ends = inputs[1], output[1]
+        ctx.rule, ctx.ends = inputs[1], output[1].value
         ctx.save_for_forward(*inputs[3:], output[0])
         ctx.set_materialize_grads(False)
 
@@ -86,6 +86,10 @@ class _NoGradTangent(torch.autograd.Function):
         ctx.saved_for_forward = None              # the graph keeps ctx alive: do not let it keep xs and y
         with torch.no_grad():
             return ctx.rule(xs, xs_t, y).to(y.dtype), None
+
+
+class _Opaque:
+    value = None
 
 
 def _requires_grad(x):
