@@ -35,10 +35,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # the tangent cos(t) sin(t) dF/dt, which Alg. 1 uses under stopgrad. PyTorch evaluates forward-mode rules in grad
 # mode, so a rule that touches a grad-requiring primal (a weight, an activation) is recorded by autograd: conv's
 # rule conv(x_t, w) keeps x_t for w's gradient, and even x * 2 records 0 * x. Nothing ever differentiates those
-# records; they double the step's memory. So every primitive whose rule touches such a primal goes through
-# _NoGradTangent: its value and its backward are the native op's, its tangent a formula written out below and
-# evaluated under no_grad. Ops whose rule touches no primal need nothing: +, -, cat, views, casts, clip, pooling,
-# repeat, and `mul_scalar` below. Without a tangent (a diffusion step, sampling) each primitive is the plain native op.
+# records; they tripled the sCD step's peak memory (bench.py's 'sCD stock' row). So every primitive whose rule
+# touches such a primal goes through _NoGradTangent: its value and its backward are the native op's, its tangent a
+# formula written out below and evaluated under no_grad. Ops whose rule touches no primal need nothing: +, -, cat,
+# views, casts, clip, pooling, repeat, and `mul_scalar` below. Without a tangent (a diffusion step, sampling) each
+# primitive is the plain native op.
 
 
 def _wide(dtype):
