@@ -229,14 +229,14 @@ def scm_loss(F, x_t, t, dxdt, *, w=None, r=1.0, c=0.1, tangent_norm='rms', dt=No
     r        tangent warmup factor; c, tangent_norm: tangent normalization (c=None switches it off)
     dt       None: sCM; a number or [B]: the discrete-time dsCD baseline, finite-difference tangent (App. E)
 
-    One pass. Alg. 1 evaluates F at theta- = stopgrad(theta) for the tangent (lines 5-6) and at theta for the loss
-    (line 7), at the same weights and input, so both are one forward: a grad-enabled jvp returns F_theta with its
-    graph, and F_theta- = F_theta.detach() and the tangent enter g, which carries no gradient. One forward is also
-    one dropout mask. model.py's networks keep autograd from recording the tangent (its memory stays a diffusion
-    step's); a network of stock PyTorch layers gets the same loss and gradients, but autograd records the tangent's
-    ops too, ~2x the activation memory. two_pass=True is for such a network when memory binds: the tangent from a
-    no-grad JVP, then a second forward with gradient (the same dropout mask: the RNG is forked around the first),
-    ~2x a diffusion step's time instead of ~1.7x, at its memory. dsCD's tangent reuses the forward at t likewise.
+    One pass. Alg. 1 takes the tangent at theta- = stopgrad(theta) (lines 5-6) and F_theta (line 7) at the same
+    weights and input, so one grad-enabled JVP gives both:
+        F_theta, dF/dt = jvp(F)(x_t/sigma_d, t);  g = g(F_theta.detach(), dF/dt);  ||F_theta - F_theta.detach() - g||^2
+    One forward is also one dropout mask. model.py's networks keep autograd from recording the tangent, so the step
+    saves what a diffusion step saves; a network of stock PyTorch layers gets the same loss and gradients while
+    autograd records its tangent too (bench.py: 3x the peak memory). two_pass=True is for such a network when memory
+    binds: the tangent from a no-grad JVP, then a second forward with gradient (the same dropout mask: the RNG is
+    forked around the first), at ~2x a diffusion step's time instead of ~1.7x. dsCD reuses the forward at t likewise.
     Returns (loss, terms): detached batch means for logging and the non-finite check --
     loss; mse, the weighted term's ||.||^2 / D; tangent_rms, the RMS of g before normalization; dxdt_rms; w."""
     if dt is not None:                                                            # App. E: finite-difference tangent
