@@ -6,6 +6,7 @@ import fcntl
 import glob
 import json
 import os
+import pickle
 import shutil
 import socket
 import time
@@ -81,13 +82,19 @@ CKPT_KEYS = ('method', 'step', 'config', 'model_kwargs', 'net', 'ema')
 
 
 def load(path):
-    """A checkpoint of train_teacher.py, train_sct.py or train_scd.py; anything else gets one line."""
+    """A checkpoint of train_teacher.py, train_sct.py or train_scd.py; anything else gets one line. Read with
+    weights_only=True: tensors, numbers, strings and containers only, so a file that carries code is refused before
+    any of it runs (a checkpoint travels between people)."""
     if not os.path.isfile(path):
         raise UserError(f'no checkpoint at {path}' + (' (a folder)' if os.path.isdir(path) else ''))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')                    # e.g. torch.load's warning on a TorchScript archive
-            ckpt = torch.load(path, map_location='cpu', weights_only=False)
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:                       # a global that weights_only does not allow
+        what = [line for line in str(e).splitlines() if 'GLOBAL' in line] or [type(e).__name__]
+        raise UserError(f'{path} holds more than weights and numbers, and loading it would run code it carries; '
+                        f'refused unread ({what[0].strip()})') from None
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise UserError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from None
     missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]

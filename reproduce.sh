@@ -32,7 +32,7 @@ REF=$R/ref-train-$NUM.npz            # the reference: the first NUM training ima
 mkdir -p "$R/grids"
 
 has() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
-step_of() { [ -f "$1" ] && $PY -c "import torch,sys; print(torch.load(sys.argv[1],weights_only=False)['step'])" "$1" || echo 0; }
+step_of() { [ -f "$1" ] && $PY -c "import torch,sys; print(torch.load(sys.argv[1],weights_only=True)['step'])" "$1" || echo 0; }
 
 train() {  # train <script> <out> <steps> [flags...]: start, or resume up to <steps>
     local script=$1 out=$2 steps=$3; shift 3

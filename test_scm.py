@@ -959,7 +959,7 @@ def tiny_teacher(image_folder, tmp_path_factory):
 
 
 def _ckpt(path):
-    return torch.load(path, map_location='cpu', weights_only=False)
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 @pytest.mark.parametrize('script', ['train_teacher.py', 'train_scd.py', 'train_sct.py'])
@@ -1267,6 +1267,34 @@ def test_sampling_refuses_what_would_give_wrong_images(tiny_teacher, image_folde
         torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / 'ts.pt'))
     fails(tmp_path / 'ts.pt', '--grid', png, match='checkpoint')
     assert not os.path.exists(png) and not [f for f in os.listdir(tmp_path) if 'tmp' in f]
+
+
+class _RunsCode:
+    """Unpickling this calls os.mkdir(path): a stand-in for any code a file can carry."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_checkpoint_that_carries_code_is_refused_before_it_runs(tiny_teacher, image_folder, tmp_path):
+    """sample.py and --teacher read checkpoints with weights_only=True: a file whose pickle would call a function
+    gets one error line and exit 2, and the function never runs."""
+    marker = tmp_path / 'the-code-ran'
+    ckpt = _ckpt(tiny_teacher)
+    ckpt['sampling'] = _RunsCode(str(marker))
+    torch.save(ckpt, tmp_path / 'evil.pt')
+    for args in (['sample.py', tmp_path / 'evil.pt', '--grid', tmp_path / 'x.png'],
+                 ['train_scd.py', '--preset', 'fashion-s', '--data', image_folder, *TINY, '--teacher',
+                  tmp_path / 'evil.pt', '--s-max', 1, '--out', tmp_path / 'run', '--steps', 1]):
+        p = run_script(*args, check=False)
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 2 and last.startswith('error:') and 'run code' in last, (p.returncode, p.stderr[-2000:])
+        assert not marker.exists(), args[0]
+    torch.load(tmp_path / 'evil.pt', weights_only=False)       # the same file, read as before: the code runs
+    assert marker.is_dir()
 
 
 # ---------------------------------------------------------------------------------------------------------------
