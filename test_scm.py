@@ -1054,6 +1054,26 @@ def test_ddp_gradients_of_the_one_pass_are_the_mean_of_the_ranks(backend, tmp_pa
         assert m and m[1] == 'True' and float(m[2]) < tol and float(m[3]) > 1e-3, p.stdout
 
 
+def test_backward_runs_outside_autocast():
+    """In each training loop autocast covers the forward and the loss, and the one backward() sits outside it
+    (PyTorch's AMP guidance); DDP's no_sync still covers the backward. Read from the scripts' syntax tree."""
+    import ast
+    for script in ('train_teacher.py', 'train_scd.py', 'train_sct.py'):
+        found = []
+
+        def visit(node, autocast, no_sync):
+            if isinstance(node, ast.With):
+                names = [ast.unparse(item.context_expr) for item in node.items]
+                autocast = autocast or any('autocast' in n for n in names)
+                no_sync = no_sync or any('no_sync' in n for n in names)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == 'backward':
+                found.append((node.lineno, autocast, no_sync))
+            for child in ast.iter_child_nodes(node):
+                visit(child, autocast, no_sync)
+        visit(ast.parse(open(os.path.join(ROOT, script)).read()), False, False)
+        assert [(a, n) for _, a, n in found] == [(False, True)], (script, found)
+
+
 def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
     def fails(script, *args, match):
         p = run_script(script, *args, check=False)

@@ -84,6 +84,7 @@ def main():
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False      # as EDM and EDM2
     ckpt_path = ck.open_run(args, 'sct', rank)
     log_path = os.path.join(args.out, 'log.jsonl') if rank == 0 else None
 
@@ -133,10 +134,12 @@ def main():
         for micro in range(accum):
             torch.manual_seed(tu.step_seed(args.seed, step, micro, rank))
             x0, labels = (v.to(device) for v in next(stream))
-            with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1), tu.autocast(device, args.precision):
-                loss, micro_terms = sct_loss(ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean, P_std=args.P_std,
-                                             r=tf.tangent_warmup(step, args.warmup_steps), c=args.tangent_c,
-                                             tangent_norm=args.tangent_norm, grid=grid, two_pass=args.two_pass)
+            with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1):      # all-reduce in the last backward only
+                with tu.autocast(device, args.precision):                    # forward and loss; backward outside
+                    loss, micro_terms = sct_loss(ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean,
+                                                 P_std=args.P_std, r=tf.tangent_warmup(step, args.warmup_steps),
+                                                 c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid,
+                                                 two_pass=args.two_pass)
                 scaler.scale(loss / accum).backward()
             for k, v in micro_terms.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / accum

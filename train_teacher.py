@@ -94,6 +94,7 @@ def main():
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False      # as EDM and EDM2
     ckpt_path = ck.open_run(args, 'teacher', rank)
     log_path = os.path.join(args.out, 'log.jsonl') if rank == 0 else None
 
@@ -137,9 +138,10 @@ def main():
         for micro in range(accum):
             torch.manual_seed(tu.step_seed(args.seed, step, micro, rank))
             x0, labels = (v.to(device) for v in next(stream))
-            with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1), tu.autocast(device, args.precision):
-                loss, micro_terms = teacher_loss(ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean,
-                                                 P_std=args.P_std, label_dropout=args.label_dropout)
+            with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1):      # all-reduce in the last backward only
+                with tu.autocast(device, args.precision):                    # forward and loss; backward outside
+                    loss, micro_terms = teacher_loss(ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean,
+                                                     P_std=args.P_std, label_dropout=args.label_dropout)
                 scaler.scale(loss / accum).backward()
             for k, v in micro_terms.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
