@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 
 import model
+from cli import UserError
 from train_args import run_config
-from train_util import UserError, peak_mem_gb
+from train_util import peak_mem_gb
 
 _LOCKS = []                                                         # open lock files, held until exit
 
@@ -154,7 +155,7 @@ def start_from(net, teacher):
         raise UserError(f'cannot start from the teacher: missing {missing}, unexpected {unexpected}')
 
 
-def run_state(step, method, args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window, device, world):
+def run_state_all_ranks(step, method, args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window, device, world):
     """Everything a resume, sample.py and fid.py need; call it on every rank (the log window is averaged over them,
     so that the first log record after a resume is the one an uninterrupted run writes)."""
     if world > 1 and window['sums']:
@@ -189,7 +190,7 @@ def window_add(window, terms):
         window['sums'][k] = window['sums'].get(k, 0.0) + v
 
 
-def log_record(path, step, lr, batch, window, device, world, reset=True):
+def log_record_all_ranks(path, step, lr, batch, window, device, world, reset=True):
     """Average the window over its steps and the ranks, append it to log.jsonl (path None: not rank 0), reset it.
     reset=False (the last step of a run that is not a log step): the window goes on, into the checkpoint, so that
     a resumed run's next record is the one an uninterrupted run writes."""

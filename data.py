@@ -1,9 +1,7 @@
-"""Datasets for training and evaluating consistency models: MNIST, Fashion-MNIST, CIFAR-10, image folders and zips,
-and SD-VAE latents in a .npy file (made by latents.py); plus image grids and single-image I/O.
+"""Datasets of pixels for training and evaluating consistency models: MNIST, Fashion-MNIST, CIFAR-10, image folders
+and zips (EDM2's dataset tool's among them); plus image grids and single-image I/O. SD-VAE latents: latents.py.
 
 Pixels come out in [-1, 1] (x / 127.5 - 1), the range whose standard deviation is about sigma_d = 0.5 (sCM §2.1).
-Latents come out normalized per channel, (z - mean) * sigma_d / std, with the paper's SD-VAE statistics (App. G.1)
-or those latents.py stored for another VAE; the loader checks the result has std ~0.5, else refuses the file.
 Every bad input raises DataError with one line that names the path and what was expected.
 Imports torch, numpy, pillow, tqdm and the standard library only.
 """
@@ -23,9 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
-
-LATENT_MEAN = (1.56, -0.695, 0.483, 0.729)      # sCM App. G (ImageNet 512): per-channel stats of raw SD-VAE latents
-LATENT_STD = (5.27, 5.91, 4.21, 4.31)           # latents are normalized as (z - mean) * sigma_d / std, sigma_d = 0.5
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 GRAY_MODES = ('1', 'L', 'LA')                   # read as 1 channel; every other PIL mode is converted to RGB
@@ -64,53 +59,28 @@ def default_data_dir():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Latent normalization (sCM App. G)
-# ---------------------------------------------------------------------------------------------------------------------
-
-def _channel_stats(x, mean, std):
-    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return mean, std
-
-
-def normalize_latents(z, sigma_d=0.5, mean=LATENT_MEAN, std=LATENT_STD):
-    """Raw SD-VAE latents [B,4,H,W] -> (z - mean) * sigma_d / std, per channel (sCM App. G.1)."""
-    m, s = _channel_stats(z, mean, std)
-    return (z - m) * (sigma_d / s)
-
-
-def denormalize_latents(x, sigma_d=0.5, mean=LATENT_MEAN, std=LATENT_STD):
-    """Inverse of normalize_latents: x * std / sigma_d + mean, ready for the SD-VAE decoder."""
-    m, s = _channel_stats(x, mean, std)
-    return x * (s / sigma_d) + m
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The dataset
 # ---------------------------------------------------------------------------------------------------------------------
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Items (x, label): x float32 [C,H,W], pixels in [-1, 1] or normalized latents; label int, -1 when unlabeled.
+    """Items (x, label): x float32 [C,H,W], pixels in [-1, 1]; label int, -1 when unlabeled.
 
     Holds exactly one of: `images`, a uint8 tensor [N,C,H,W] in memory (named datasets); `files`, image paths in a
-    folder or members of a zip (`zip_path`), decoded lazily and center-cropped to `crop` if given; `latents`, a
-    memory-mapped float array: [N,4,H,W] raw latents, or [N,8,H,W] VAE posteriors (mean, std), from which every batch
-    draws a fresh sample mean + std * eps, as EDM2 does. `latent_stats`: the VAE and the normalization's mean and std.
+    folder or members of a zip (`zip_path`), decoded lazily and center-cropped to `crop` if given. (SD-VAE latents:
+    latents.LatentDataset, with the same interface.)
     """
 
-    def __init__(self, name, shape, labels, num_classes, images=None, files=None, zip_path=None, latents=None,
-                 crop=None, latent_stats=None):
+    is_latent = False
+
+    def __init__(self, name, shape, labels, num_classes, images=None, files=None, zip_path=None, crop=None):
         self.name = name
         self.shape = tuple(shape)
         self.labels = labels                    # long tensor [N]
         self.num_classes = num_classes
-        self.is_latent = latents is not None
         self.images = images
         self.files = files
         self.zip_path = zip_path
         self.crop = crop
-        self.latents = latents
-        self.latent_stats = latent_stats
         self._zip, self._zip_pid = None, None
 
     def __len__(self):
@@ -119,31 +89,19 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if self.images is not None:
             x = self.images[i].float() / 127.5 - 1
-        elif self.latents is not None:
-            x = self._latents([i])[0]
         else:
             x = self._read_file(self.files[i])
         return x, int(self.labels[i])
 
     def get_batch(self, indices, seed=None):
-        """x [B,C,H,W] float32 and labels [B] long for the given indices (a list, array or tensor). seed: the
-        posterior samples' noise (latents; None draws from the global generator)."""
+        """x [B,C,H,W] float32 and labels [B] long for the given indices (a list, array or tensor); seed is for
+        latents.LatentDataset's posterior samples (none drawn here)."""
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if self.images is not None:
             x = self.images[idx].float() / 127.5 - 1
-        elif self.latents is not None:
-            x = self._latents(idx.numpy(), seed)
         else:
             x = torch.stack([self._read_file(self.files[i]) for i in idx.tolist()])
         return x, self.labels[idx]
-
-    def _latents(self, idx, seed=None):
-        z = torch.from_numpy(np.array(self.latents[idx], dtype=np.float32))
-        if z.shape[1] == 8:                                        # a posterior: sample it
-            mean, std = z.chunk(2, dim=1)
-            g = None if seed is None else torch.Generator().manual_seed(seed)
-            z = mean + std * torch.randn(mean.shape, generator=g)
-        return normalize_latents(z, mean=self.latent_stats['mean'], std=self.latent_stats['std'])
 
     def _read_file(self, f):
         """Decode one image of a folder or zip to [C,H,W] in [-1, 1]; center-cropped to self.crop if set, else
@@ -207,11 +165,11 @@ def _pil_to_tensor(img, channels):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def load_dataset(spec, data_dir=None, split='train', download=True, crop=None):
-    """A dataset from a name ('mnist', 'fashion-mnist', 'cifar10') or a path (image folder, .zip of images,
-    .npy of latents). Named datasets live in data_dir (default default_data_dir()) and are downloaded if missing
-    and download is True. split ('train' or 'test') applies to named datasets only. A name wins over a
-    folder of the same name in the current directory (pass './mnist' for the folder). crop: center-crop the images
-    of a folder or zip to crop x crop (ADM / EDM2, for images of different sizes)."""
+    """A dataset from a name ('mnist', 'fashion-mnist', 'cifar10') or a path (image folder, .zip of images). Named
+    datasets live in data_dir (default default_data_dir()) and are downloaded if missing and download is True. split
+    ('train' or 'test') applies to named datasets only. A name wins over a folder of the same name in the current
+    directory (pass './mnist' for the folder). crop: center-crop the images of a folder or zip to crop x crop (ADM /
+    EDM2, for images of different sizes)."""
     spec = os.fspath(spec)
     if spec in NAMES:
         if split not in ('train', 'test'):
@@ -228,9 +186,9 @@ def load_dataset(spec, data_dir=None, split='train', download=True, crop=None):
         if ext == '.zip':
             return _load_image_files(spec, path, is_zip=True, crop=crop)
         if ext == '.npy':
-            return _load_latents(spec, path)
-        raise DataError(f"data: {spec} is a file but not a .zip of images or a .npy of latents")
-    raise DataError(f"data: '{spec}' is not a dataset name ({', '.join(NAMES)}) nor an existing folder, .zip or .npy")
+            raise DataError(f'data: {spec} is a .npy of latents; latents.load reads those (train_util.load_data does)')
+        raise DataError(f"data: {spec} is a file but not a .zip of images")
+    raise DataError(f"data: '{spec}' is not a dataset name ({', '.join(NAMES)}) nor an existing folder or .zip")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -462,74 +420,6 @@ def _load_image_files(name, path, is_zip, crop=None):
     channels = 1 if first.mode in GRAY_MODES else 3
     shape = (channels, crop, crop) if crop else (channels, first.size[1], first.size[0])
     return ImageDataset(name, shape, labels, num_classes, files=files, zip_path=path if is_zip else None, crop=crop)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Latents: <stem>.npy with optional <stem>.labels.npy, and <stem>.json where latents.py wrote it
-# ---------------------------------------------------------------------------------------------------------------------
-
-PAPER_VAE = 'stabilityai/sd-vae-ft-mse'         # sCM App. G.1
-
-
-def _load_latents(name, path):
-    """latents.py's files: [N,8,H,W] posterior mean and std, with <stem>.json naming the VAE and the normalization's
-    statistics. Without the .json: raw SD-VAE latents [N,4,H,W] of [-1, 1] pixels, normalized with the paper's."""
-    try:
-        z = np.load(path, mmap_mode='r')
-    except (OSError, ValueError) as e:
-        raise DataError(f'data: cannot read {path} as a .npy array ({e})') from None
-    if z.ndim != 4 or z.dtype.kind != 'f':
-        raise DataError(f'data: {path} holds a {z.dtype} array of shape {tuple(z.shape)}, expected float latents '
-                        f'[N, 4, H, W]')
-    stem = path[:-len('.npy')]
-    stats = dict(vae=PAPER_VAE, mean=LATENT_MEAN, std=LATENT_STD)
-    if os.path.isfile(stem + '.json'):
-        try:
-            with open(stem + '.json') as f:
-                meta = json.load(f)
-            stats = dict(vae=str(meta['vae']), mean=tuple(map(float, meta['mean'])), std=tuple(map(float, meta['std'])))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f'data: cannot read {stem}.json as latents.py\'s description of {path} ({e!r})') from None
-        if z.shape[1] != 8 or len(stats['mean']) != 4 or len(stats['std']) != 4:
-            raise DataError(f'data: {path} has {z.shape[1]} channels and {stem}.json {len(stats["mean"])} means; '
-                            f'latents.py writes 8 (posterior mean and std of 4) and 4')
-    elif z.shape[1] != 4:
-        raise DataError(f'data: {path} has {z.shape[1]} channels; raw latents must have 4 channels (SD-VAE), '
-                        f'shaped [N, 4, H, W] (or encode with latents.py, which writes a .json beside them)')
-    label_path = stem + '.labels.npy'
-    if os.path.isfile(label_path):
-        try:
-            y = np.load(label_path)
-        except (OSError, ValueError) as e:
-            raise DataError(f'data: cannot read {label_path} as a .npy array ({e})') from None
-        if y.ndim != 1 or y.dtype.kind not in 'iu' or len(y) != len(z) or (y.size and y.min() < -1):
-            raise DataError(f'data: {label_path} holds a {y.dtype} array of shape {tuple(y.shape)}, expected '
-                            f'{len(z)} integer labels (>= 0, or -1 for none), one per latent in {path}')
-        labels = torch.from_numpy(y.astype(np.int64))
-        num_classes = int(y.max()) + 1 if y.size and y.max() >= 0 else 0
-    else:
-        labels, num_classes = torch.full((len(z),), -1, dtype=torch.long), 0
-    ds = ImageDataset(name, (4,) + z.shape[2:], labels, num_classes, latents=z, latent_stats=stats)
-    check_latent_scale(ds, path)
-    return ds
-
-
-def check_latent_scale(ds, path, n=256):
-    """sCM's normalized latents have per-channel mean ~0 and std ~sigma_d = 0.5 (App. G.1). Latents of [0, 1] pixels
-    (EDM2's dataset tool), of another VAE or already normalized do not: refuse them, so they do not silently train
-    at the wrong scale. Checks n items spread over the file; non-finite values are left to the training loop."""
-    idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(np.int64)
-    x = ds.get_batch(idx, seed=0)[0].double().transpose(0, 1).reshape(4, -1)
-    ok = torch.isfinite(x)
-    cnt = ok.sum(1).clamp(min=1)
-    mean = torch.where(ok, x, 0).sum(1) / cnt
-    std = (torch.where(ok, x - mean[:, None], 0).square().sum(1) / cnt).sqrt()
-    if (mean.abs() > 0.25).any() or (std < 0.3).any() or (std > 0.75).any():
-        fmt = lambda v: '[' + ', '.join(f'{a:.2f}' for a in v.tolist()) + ']'
-        raise DataError(f'data: {path}: normalized latents have per-channel mean {fmt(mean)} and std {fmt(std)}, '
-                        f'but sCM\'s have mean ~0 and std ~0.5 (App. G.1): they were encoded another way (EDM2\'s '
-                        f'dataset tool encodes [0, 1] pixels, sCM [-1, 1]); encode the images with `python latents.py '
-                        f'encode`')
 
 
 # ---------------------------------------------------------------------------------------------------------------------

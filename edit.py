@@ -1,19 +1,26 @@
 """Zero-shot editing with a consistency model (Consistency Models 2023, Alg. 4 and App. D), in TrigFlow time
-(x_t = cos t x0 + sin t z): inpaint, colorize, superres, stroke (SDEdit), denoise, interpolate. Run through sample.py:
+(x_t = cos t x0 + sin t z): inpaint, colorize, superres, stroke (SDEdit), denoise, interpolate.
 
-  python sample.py ckpt.pt --edit inpaint --input img.png --mask mask.png --label 3     # writes img-inpaint.png
+  python edit.py ckpt.pt inpaint --input img.png --mask mask.png --label 3     # writes img-inpaint.png
+  python edit.py ckpt.pt superres --input img.png --patch 4                   # writes img-superres.png
+  python edit.py ckpt.pt interpolate --grid interpolate.png -n 9               # slerp between two noises
+
+Each edit reads --input (and --mask) and writes <input>-<edit>.png beside it: the input, then the result.
 
 Every edit is a linear map A with inverse A^-1 and a mask Omega: 1 = generate, 0 = keep from the reference y.
 """
+import argparse
 import math
 import os
 
 import torch
 
+import cli
 import data
-import train_util as tu
 import trigflow as tf
-from sample import data_info, make_F, seeded_randn
+from sample import add_sampler_args, check_args, data_info, load_net, make_F, seeded_randn
+
+EDITS = ('inpaint', 'colorize', 'superres', 'stroke', 'denoise', 'interpolate')
 
 GRAY = (0.2989, 0.5870, 0.1140)                                  # luminance weights (CM 2023 App. D)
 
@@ -98,18 +105,18 @@ def run_edit(net, ckpt, args, device):
     if args.edit == 'interpolate':
         z1, _ = seeded_randn(args.seed, [0], (C, H, W), device)
         z2, _ = seeded_randn(args.seed, [1], (C, H, W), device)
-        alphas = torch.linspace(0, 1, args.num or 9)
+        alphas = torch.linspace(0, 1, args.num)
         z = torch.cat([slerp(z1, z2, float(a)) for a in alphas]) * tf.SIGMA_D
         Fb = make_F(net, ckpt, None if labels is None else labels.repeat(len(alphas)), args.cfg)
         out = tf.sample_consistency(Fb, z)
-        path = args.grid or 'interpolate.png'
+        path = args.grid
         data.save_grid(out.cpu(), path, nrow=len(alphas))
         return path
     if not args.input:
-        raise tu.UserError(f'--edit {args.edit} needs --input IMAGE.png')
+        raise cli.UserError(f'{args.edit} needs --input IMAGE.png')
     y = data.load_image(args.input, C).to(device)
     if y.shape[-2:] != (H, W):
-        raise tu.UserError(f'{args.input} is {y.shape[-1]}x{y.shape[-2]} but the model makes {W}x{H} images')
+        raise cli.UserError(f'{args.input} is {y.shape[-1]}x{y.shape[-2]} but the model makes {W}x{H} images')
     if args.edit == 'denoise':                                    # one evaluation: f(cos t x_noisy, t)
         t = float(tf.t_from_sigma(args.sigma))
         noisy = y + args.sigma * torch.randn_like(y)
@@ -119,18 +126,18 @@ def run_edit(net, ckpt, args, device):
         ts = edit_times(args.edit_steps)
         if args.edit == 'inpaint':
             if not args.mask:
-                raise tu.UserError('--edit inpaint needs --mask MASK.png (white = generate)')
+                raise cli.UserError('inpaint needs --mask MASK.png (white = generate)')
             mask = (data.load_image(args.mask, 1).to(device) > 0).to(y.dtype).expand_as(y)
             ops = identity_ops(mask)
         elif args.edit == 'colorize':
             if C != 3:
-                raise tu.UserError('--edit colorize needs an RGB model')
+                raise cli.UserError('colorize needs an RGB model')
             gray = (y * torch.tensor(GRAY, device=device).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(y)
             y = gray.clone()
             ops = colorization_ops(y)
         elif args.edit == 'superres':
             if H % args.patch or W % args.patch:
-                raise tu.UserError(f'--patch {args.patch} must divide the image size {W}x{H}')
+                raise cli.UserError(f'--patch {args.patch} must divide the image size {W}x{H}')
             ops = superres_ops(y, args.patch)
         elif args.edit == 'stroke':                                # SDEdit: noise the painting to 1.4781, 1.3512
             ops, ts = identity_ops(torch.ones_like(y)), [1.4781, 1.3512]
@@ -140,3 +147,36 @@ def run_edit(net, ckpt, args, device):
     path = f'{base}-{args.edit}.png'
     data.save_grid(out.cpu(), path, nrow=out.shape[0])
     return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('checkpoint', help='checkpoint.pt of train_scd.py or train_sct.py')
+    p.add_argument('edit', choices=EDITS, help='the edit (see above)')
+    add_sampler_args(p, batch=False)
+    p.add_argument('--input', help='image to edit (PNG/JPG)')
+    p.add_argument('--mask', help='inpainting mask: white = generate')
+    p.add_argument('--patch', type=int, default=4, help='super-resolution patch size')
+    p.add_argument('--sigma', type=float, default=0.5, help='denoising: EDM noise level of the input')
+    p.add_argument('--edit-steps', type=int, default=40, help='editing schedule length (CM 2023: 40)')
+    p.add_argument('-n', '--num', type=int, default=9, help='interpolate: images from the first noise to the second')
+    p.add_argument('--grid', default='interpolate.png', help='interpolate: the PNG to write')
+    args = p.parse_args()
+    args.batch = 1
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    net, ckpt = load_net(args.checkpoint, args.raw, device)
+    check_args(args, ckpt)
+    if data_info(ckpt)[1]:
+        raise cli.UserError('the zero-shot edits work on pixels; this model generates SD-VAE latents')
+    if ckpt['model_kwargs'].get('label_dim') and args.label is None:
+        raise cli.UserError(f'this model is class-conditional ({ckpt["model_kwargs"]["label_dim"]} classes): '
+                            f'pass --label K for the class of the edited image')
+    if args.edit == 'interpolate':
+        cli.check_output(args.grid)
+    elif not args.input:
+        raise cli.UserError(f'{args.edit} needs --input IMAGE.png')
+    print(f'wrote {run_edit(net, ckpt, args, device)}')
+
+
+if __name__ == '__main__':
+    cli.main_guard(main)

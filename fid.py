@@ -24,9 +24,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import data
 import inception
-import train_util as tu
+import sample
 
 PREPROCESS = 'tf-2015-12-05: bilinear 299 align_corners=False, (x - 128) / 128'
 
@@ -132,8 +133,6 @@ def load_images(source, num=None, split='train', data_dir=None):
             raise FIDError(f'{source} holds {len(images)} images, fewer than ' + (f'--num {num}' if num else '2'))
         return images[:num]
     ds = data.load_dataset(source, data_dir, split)
-    if ds.is_latent:
-        raise FIDError(f'{source} holds latents, not images')
     n = len(ds) if num is None else num
     if len(ds) < n:
         raise FIDError(f'{source} holds {len(ds)} images, fewer than --num {num}')
@@ -210,8 +209,7 @@ def cmd_noise(args, get_model):
 def cmd_checkpoint(args, get_model):
     """FID of --num samples of a checkpoint against --ref: each rank draws its share with sample.py's sampler (image i
     from noise seed (--seed, i)) and embeds it; rank 0 gathers the features."""
-    import sample                                               # noqa: PLC0415 - only this command needs it
-    rank, world, device = sample.init_distributed()
+    rank, world, device = cli.init_distributed()
     net, ckpt = sample.load_net(args.checkpoint, args.raw, device)
     sample.check_args(args, ckpt)
     model = get_model(device)
@@ -234,7 +232,6 @@ def cmd_checkpoint(args, get_model):
 
 
 def main():
-    import sample                                               # noqa: PLC0415 - its sampler flags
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     # -n as well: under torchrun on Python 3.11, torchrun's parser takes --num for an abbreviation of --numa-binding
@@ -271,4 +268,4 @@ def main():
 
 
 if __name__ == '__main__':
-    tu.main_guard(main)
+    cli.main_guard(main)

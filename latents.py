@@ -1,4 +1,5 @@
-"""SD-VAE latents for sCM's ImageNet 512 runs (App. G.1): encode an image folder or zip, and look at what was stored.
+"""SD-VAE latents for sCM's ImageNet 512 runs (App. G.1), all of it: encode an image folder or zip, load what was
+stored as a training set (normalized, its scale checked), decode (sampling a latent model), look at a file.
 
   python latents.py encode imagenet/train --out in512.npy             # class subfolders -> labels; ~1.3M images
   python latents.py decode in512.npy --grid in512.png -n 64            # decode the first 64 posterior means
@@ -25,37 +26,166 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
 import data
-import train_util as tu
 
+PAPER_VAE = 'stabilityai/sd-vae-ft-mse'         # sCM App. G.1
+LATENT_MEAN = (1.56, -0.695, 0.483, 0.729)      # sCM App. G (ImageNet 512): per-channel stats of raw SD-VAE latents
+LATENT_STD = (5.27, 5.91, 4.21, 4.31)           # latents are normalized as (z - mean) * sigma_d / std, sigma_d = 0.5
+
+
+def _channel_stats(x, mean, std):
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return mean, std
+
+
+def normalize(z, sigma_d=0.5, mean=LATENT_MEAN, std=LATENT_STD):
+    """Raw SD-VAE latents [B,4,H,W] -> (z - mean) * sigma_d / std, per channel (sCM App. G.1)."""
+    m, s = _channel_stats(z, mean, std)
+    return (z - m) * (sigma_d / s)
+
+
+def denormalize(x, sigma_d=0.5, mean=LATENT_MEAN, std=LATENT_STD):
+    """Inverse of normalize: x * std / sigma_d + mean, ready for the SD-VAE decoder."""
+    m, s = _channel_stats(x, mean, std)
+    return x * (s / sigma_d) + m
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training set: <stem>.npy with optional <stem>.labels.npy, and <stem>.json where encode wrote it
+# ---------------------------------------------------------------------------------------------------------------------
+
+class LatentDataset(torch.utils.data.Dataset):
+    """data.ImageDataset's interface over a memory-mapped float array: [N,4,H,W] raw latents, or [N,8,H,W] VAE
+    posteriors (mean, std), from which every batch draws a fresh sample mean + std * eps, as EDM2 does; items come
+    out normalized. `latent_stats`: the VAE and the normalization's mean and std."""
+    is_latent = True
+    files = None
+
+    def __init__(self, name, latents, labels, num_classes, latent_stats):
+        self.name, self.latents, self.labels, self.num_classes = name, latents, labels, num_classes
+        self.shape = (4,) + tuple(latents.shape[2:])
+        self.latent_stats = latent_stats
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.get_batch([i])[0][0], int(self.labels[i])
+
+    def get_batch(self, indices, seed=None):
+        """x [B,4,H,W] and labels [B]; seed: the posterior samples' noise (None draws from the global generator)."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        z = torch.from_numpy(np.array(self.latents[idx.numpy()], dtype=np.float32))
+        if z.shape[1] == 8:                                        # a posterior: sample it
+            mean, std = z.chunk(2, dim=1)
+            g = None if seed is None else torch.Generator().manual_seed(seed)
+            z = mean + std * torch.randn(mean.shape, generator=g)
+        return normalize(z, mean=self.latent_stats['mean'], std=self.latent_stats['std']), self.labels[idx]
+
+
+def load(path):
+    """encode's files: [N,8,H,W] posterior mean and std, with <stem>.json naming the VAE, the normalization's
+    statistics and the class count. Without the .json: raw SD-VAE latents [N,4,H,W] of [-1, 1] pixels, normalized
+    with the paper's. Labels from <stem>.labels.npy if present."""
+    name, path = path, os.path.expanduser(os.fspath(path))
+    try:
+        z = np.load(path, mmap_mode='r')
+    except (OSError, ValueError) as e:
+        raise data.DataError(f'data: cannot read {path} as a .npy array ({e})') from None
+    if z.ndim != 4 or z.dtype.kind != 'f':
+        raise data.DataError(f'data: {path} holds a {z.dtype} array of shape {tuple(z.shape)}, expected float latents '
+                        f'[N, 4, H, W]')
+    stem = path[:-len('.npy')]
+    stats, meta = dict(vae=PAPER_VAE, mean=LATENT_MEAN, std=LATENT_STD), {}
+    if os.path.isfile(stem + '.json'):
+        try:
+            with open(stem + '.json') as f:
+                meta = json.load(f)
+            stats = dict(vae=str(meta['vae']), mean=tuple(map(float, meta['mean'])), std=tuple(map(float, meta['std'])))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise data.DataError(f'data: cannot read {stem}.json as latents.py\'s description of {path} '
+                                 f'({e!r})') from None
+        if z.shape[1] != 8 or len(stats['mean']) != 4 or len(stats['std']) != 4:
+            raise data.DataError(f'data: {path} has {z.shape[1]} channels and {stem}.json {len(stats["mean"])} means; '
+                            f'latents.py writes 8 (posterior mean and std of 4) and 4')
+    elif z.shape[1] != 4:
+        raise data.DataError(f'data: {path} has {z.shape[1]} channels; raw latents must have 4 channels (SD-VAE), '
+                        f'shaped [N, 4, H, W] (or encode with latents.py, which writes a .json beside them)')
+    label_path = stem + '.labels.npy'
+    if os.path.isfile(label_path):
+        try:
+            y = np.load(label_path)
+        except (OSError, ValueError) as e:
+            raise data.DataError(f'data: cannot read {label_path} as a .npy array ({e})') from None
+        if y.ndim != 1 or y.dtype.kind not in 'iu' or len(y) != len(z) or (y.size and y.min() < -1):
+            raise data.DataError(f'data: {label_path} holds a {y.dtype} array of shape {tuple(y.shape)}, expected '
+                            f'{len(z)} integer labels (>= 0, or -1 for none), one per latent in {path}')
+        labels = torch.from_numpy(y.astype(np.int64))
+        num_classes = int(meta.get('classes') or (y.max() + 1 if y.size and y.max() >= 0 else 0))
+    else:
+        labels, num_classes = torch.full((len(z),), -1, dtype=torch.long), 0
+    ds = LatentDataset(name, z, labels, num_classes, stats)
+    check_scale(ds, path)
+    return ds
+
+
+def check_scale(ds, path, n=256):
+    """sCM's normalized latents have per-channel mean ~0 and std ~sigma_d = 0.5 (App. G.1). Latents of [0, 1] pixels
+    (EDM2's dataset tool), of another VAE or already normalized do not: refuse them, so they do not silently train
+    at the wrong scale. Checks n items spread over the file; non-finite values are left to the training loop."""
+    idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(np.int64)
+    x = ds.get_batch(idx, seed=0)[0].double().transpose(0, 1).reshape(4, -1)
+    ok = torch.isfinite(x)
+    cnt = ok.sum(1).clamp(min=1)
+    mean = torch.where(ok, x, 0).sum(1) / cnt
+    std = (torch.where(ok, x - mean[:, None], 0).square().sum(1) / cnt).sqrt()
+    if (mean.abs() > 0.25).any() or (std < 0.3).any() or (std > 0.75).any():
+        fmt = lambda v: '[' + ', '.join(f'{a:.2f}' for a in v.tolist()) + ']'
+        raise data.DataError(f'data: {path}: normalized latents have per-channel mean {fmt(mean)} and std {fmt(std)}, '
+                             f'but sCM\'s have mean ~0 and std ~0.5 (App. G.1): they were encoded another way '
+                             f'(EDM2\'s dataset tool encodes [0, 1] pixels, sCM [-1, 1]); encode the images with '
+                             f'`python latents.py encode`')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The SD-VAE: encode, decode
+# ---------------------------------------------------------------------------------------------------------------------
 
 def load_vae(name, device):
     """diffusers' AutoencoderKL by hub name or local folder, in eval mode; one clear line if that cannot be done."""
     try:
         from diffusers.models import AutoencoderKL                          # noqa: PLC0415 - optional dependency
     except ImportError:
-        raise tu.UserError('the SD-VAE needs diffusers: `pip install diffusers` (only latents.py and the decoding '
+        raise cli.UserError('the SD-VAE needs diffusers: `pip install diffusers` (only latents.py and the decoding '
                            'of latent models use it)') from None
     try:
         vae = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)   # no `accelerate` needed
     except (OSError, ValueError) as e:
-        raise tu.UserError(f'cannot load the VAE {name!r} ({str(e).splitlines()[0]}); a hub name such as '
-                           f'{data.PAPER_VAE} needs the network once, or a local folder saved by diffusers') from None
+        raise cli.UserError(f'cannot load the VAE {name!r} ({str(e).splitlines()[0]}); a hub name such as '
+                           f'{PAPER_VAE} needs the network once, or a local folder saved by diffusers') from None
     return vae.to(device).eval().requires_grad_(False)
 
 
 _vaes = {}
 
 
+def get_vae(name, device):
+    """load_vae, once per (name, device)."""
+    key = (name, str(device))
+    if key not in _vaes:
+        _vaes[key] = load_vae(name, device)
+    return _vaes[key]
+
+
 @torch.no_grad()
 def decode(x, stats, batch=16):
     """Normalized latents [B,4,h,w] -> pixels in [-1, 1], with the VAE and statistics named in `stats` (the dict a
     latent dataset and its checkpoints carry)."""
-    key = (stats['vae'], str(x.device))
-    if key not in _vaes:
-        _vaes[key] = load_vae(stats['vae'], x.device)
-    z = data.denormalize_latents(x.float(), mean=stats['mean'], std=stats['std'])
-    return torch.cat([_vaes[key].decode(z[i:i + batch]).sample for i in range(0, len(z), batch)]).clamp(-1, 1)
+    vae = get_vae(stats['vae'], x.device)
+    z = denormalize(x.float(), mean=stats['mean'], std=stats['std'])
+    return torch.cat([vae.decode(z[i:i + batch]).sample for i in range(0, len(z), batch)]).clamp(-1, 1)
 
 
 def _save_npy(path, array):
@@ -67,12 +197,13 @@ def _save_npy(path, array):
 @torch.no_grad()
 def encode(args):
     if not args.out.endswith('.npy'):
-        raise tu.UserError(f'--out {args.out}: must end in .npy (the loader finds <stem>.json and <stem>.labels.npy)')
+        raise cli.UserError(f'--out {args.out}: must end in .npy (the loader finds <stem>.json and <stem>.labels.npy)')
     if args.resolution < 8 or args.resolution % 8:
-        raise tu.UserError(f'--resolution {args.resolution}: must be a positive multiple of 8 (the VAE downsamples 8x)')
+        raise cli.UserError(f'--resolution {args.resolution}: must be a positive multiple of 8 (the VAE downsamples '
+                            f'8x)')
     ds = data.load_dataset(args.images, crop=args.resolution)
     if ds.is_latent or ds.files is None:
-        raise tu.UserError(f'{args.images}: encode takes an image folder or a .zip of images')
+        raise cli.UserError(f'{args.images}: encode takes an image folder or a .zip of images')
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     vae_name = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
     vae = load_vae(vae_name, device)
@@ -98,12 +229,13 @@ def encode(args):
         m = (s1 / count).cpu()
         sd = (s2 / count - m.square()).clamp(min=0).sqrt().cpu()
         measured = dict(mean=[round(v, 4) for v in m.tolist()], std=[round(v, 4) for v in sd.tolist()])
-        paper = args.vae == data.PAPER_VAE
+        paper = args.vae == PAPER_VAE
         meta = dict(format='scm latents 1', vae=vae_name, images=os.path.abspath(args.images), count=len(ds),
+                    classes=ds.num_classes,
                     resolution=args.resolution, crop='center (ADM / EDM2)', pixels='[-1, 1]',
                     channels='posterior mean (4), then std (4)',
-                    mean=list(data.LATENT_MEAN) if paper else measured['mean'],
-                    std=list(data.LATENT_STD) if paper else measured['std'],
+                    mean=list(LATENT_MEAN) if paper else measured['mean'],
+                    std=list(LATENT_STD) if paper else measured['std'],
                     stats='sCM App. G.1' if paper else 'measured while encoding', measured=measured)
         if ds.num_classes:
             _save_npy(stem + '.labels.npy', ds.labels.numpy())
@@ -120,20 +252,20 @@ def encode(args):
     print(f'wrote {args.out}: {len(ds)} posteriors [{len(ds)}, 8, {mean.shape[2]}, {mean.shape[3]}]'
           + (f', {ds.num_classes} classes in {stem}.labels.npy' if ds.num_classes else ', no labels'))
     print(f'per-channel mean {measured["mean"]}, std {measured["std"]} measured'
-          + (f'; normalizing with the paper\'s {list(data.LATENT_MEAN)}, {list(data.LATENT_STD)}' if paper else
+          + (f'; normalizing with the paper\'s {list(LATENT_MEAN)}, {list(LATENT_STD)}' if paper else
              '; normalizing with these (not the paper\'s VAE)'))
-    data.load_dataset(args.out)                                       # the loader's own check of the scale
+    load(args.out)                                                    # the loader's own check of the scale
 
 
 @torch.no_grad()
 def decode_file(args):
-    ds = data.load_dataset(args.latents)
-    if not ds.is_latent:
-        raise tu.UserError(f'{args.latents}: not a .npy of latents')
+    if not args.latents.endswith('.npy'):
+        raise cli.UserError(f'{args.latents}: not a .npy of latents')
+    ds = load(args.latents)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     n = min(args.num, len(ds))
     z = torch.from_numpy(np.array(ds.latents[:n], dtype=np.float32))[:, :4]      # the posterior means (or raw z)
-    x = data.normalize_latents(z, mean=ds.latent_stats['mean'], std=ds.latent_stats['std']).to(device)
+    x = normalize(z, mean=ds.latent_stats['mean'], std=ds.latent_stats['std']).to(device)
     data.save_grid(decode(x, ds.latent_stats).cpu(), args.grid)
     print(f'wrote the first {n} decoded latents of {args.latents} to {args.grid}')
 
@@ -145,7 +277,7 @@ def main():
     e.add_argument('images', help='image folder (class subfolders give labels) or .zip')
     e.add_argument('--out', required=True, help='the .npy to write')
     e.add_argument('--resolution', type=int, default=512, help='center-crop size in pixels (ImageNet 512: 512)')
-    e.add_argument('--vae', default=data.PAPER_VAE, help='diffusers AutoencoderKL: hub name or local folder')
+    e.add_argument('--vae', default=PAPER_VAE, help='diffusers AutoencoderKL: hub name or local folder')
     e.add_argument('--batch', type=int, default=32, help='images per VAE call')
     e.add_argument('--workers', type=int, default=4, help='DataLoader processes decoding images')
     e.add_argument('--device', help='default: cuda if available, else cpu')
@@ -157,14 +289,13 @@ def main():
     args = p.parse_args()
     for flag in ('batch', 'num'):
         if getattr(args, flag, 1) < 1:
-            raise tu.UserError(f'--{flag} must be at least 1')
+            raise cli.UserError(f'--{flag} must be at least 1')
     if args.command == 'encode':
         encode(args)
     else:
-        import sample                                                 # noqa: PLC0415
-        sample.check_output(args.grid)
+        cli.check_output(args.grid)
         decode_file(args)
 
 
 if __name__ == '__main__':
-    tu.main_guard(main)
+    cli.main_guard(main)

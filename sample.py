@@ -1,15 +1,12 @@
-"""Sample from a checkpoint of train_teacher.py, train_scd.py or train_sct.py, and edit images zero-shot.
+"""Sample from a checkpoint of train_teacher.py, train_scd.py or train_sct.py (zero-shot edits: edit.py).
 
   python sample.py runs/scd-fashion-s/checkpoint.pt --grid samples.png               # 1-step grid
   python sample.py runs/scd-fashion-s/checkpoint.pt --steps 2 --grid samples2.png   # 2-step, through t = 1.1
   python sample.py runs/teacher-fashion-s/checkpoint.pt --grid teacher.png          # teacher: Heun, 35 NFE
   torchrun --nproc_per_node=8 sample.py ckpt.pt -n 50000 --npz samples.npz           # sharded, for FID
-  python sample.py ckpt.pt --edit inpaint --input img.png --mask mask.png           # zero-shot edits (below)
 
 Image i always gets the noise of seed (--seed, i), so a sharded run writes the same images as a single process.
-Zero-shot editing is Consistency Models (Song et al. 2023) Alg. 4 in TrigFlow time (x_t = cos t x0 + sin t z): inpaint, colorize,
-superres, stroke (SDEdit), denoise, interpolate. Each reads --input (and --mask) and writes <input>-<edit>.png
-beside it; interpolate needs no input and writes --grid (default interpolate.png).
+The functions here (loading a network, the noise, the samplers' flags) are also those of fid.py and edit.py.
 """
 import argparse
 import os
@@ -19,40 +16,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data
-import model
 import checkpoint as ck
+import cli
+import data
+import latents
+import model
 import train_util as tu
 import trigflow as tf
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading a network and making per-image noise.
-
-
-def check_output(path):
-    """Fail before the work, not after it: path must name a file in a folder we can write (created if missing)."""
-    if not path:
-        return
-    if os.path.isdir(path):
-        raise tu.UserError(f'{path} is a folder; name the file to write')
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise tu.UserError(f'cannot create the folder of {path}: {e.strerror}') from None
-    if not os.access(folder, os.W_OK):
-        raise tu.UserError(f'cannot write {path}: {folder} is not writable')
-
-
-def init_distributed():
-    """(rank, world, device): torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process."""
-    if 'RANK' in os.environ:
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = torch.device(f'cuda:{os.environ.get("LOCAL_RANK", 0)}' if torch.cuda.is_available() else 'cpu')
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    return rank, world, device
 
 
 def load_net(path, raw=False, device='cpu'):
@@ -61,15 +34,17 @@ def load_net(path, raw=False, device='cpu'):
     state = ckpt['net' if raw else 'ema']
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise tu.UserError(f'{path}: the {"raw" if raw else "EMA"} weights hold NaN or Inf ({len(bad)} tensors, '
+        raise cli.UserError(f'{path}: the {"raw" if raw else "EMA"} weights hold NaN or Inf ({len(bad)} tensors, '
                            f'e.g. {bad[0]}); the run diverged before this checkpoint')
     net = model.build(dict(ckpt['model_kwargs'], dropout=0.0))
     net.load_state_dict(state)
+    if data_info(ckpt)[1]:
+        latents.get_vae(latent_stats(ckpt)['vae'], device)          # a latent model's decoder: fail before sampling
     return net.eval().requires_grad_(False).to(device), ckpt
 
 
 def check_args(args, ckpt):
-    """Fill --heun-steps and --cfg from the run's preset (train_util.sampling_defaults), then one line for every
+    """Fill --heun-steps and --cfg from the run's preset (checkpoint.sampling_defaults), then one line for every
     sampler setting that would give wrong images without failing."""
     defaults = ckpt.get('sampling', {})
     if args.heun_steps is None:
@@ -80,20 +55,20 @@ def check_args(args, ckpt):
             if isinstance(cfg, (list, tuple)) else cfg
     classes = ckpt['model_kwargs'].get('label_dim', 0)
     if args.num < 1 or args.batch < 1:
-        raise tu.UserError('-n/--num and --batch must be at least 1')
+        raise cli.UserError('-n/--num and --batch must be at least 1')
     if args.label is not None and not 0 <= args.label < classes:
-        raise tu.UserError(f'--label {args.label}: the model has ' + (f'classes 0..{classes - 1}' if classes
+        raise cli.UserError(f'--label {args.label}: the model has ' + (f'classes 0..{classes - 1}' if classes
                                                                        else 'no classes'))
     if ckpt['method'] == 'teacher':
         if args.sampler == 'consistency' or args.ts or args.steps != 1:
-            raise tu.UserError('a teacher samples with EDM Heun (--heun-steps N, 2N - 1 NFE); --steps, --ts and '
+            raise cli.UserError('a teacher samples with EDM Heun (--heun-steps N, 2N - 1 NFE); --steps, --ts and '
                                '--sampler consistency are for sCD/sCT checkpoints')
     if ckpt['method'] == 'teacher' or args.sampler == 'heun':
         if args.heun_steps < 2:
-            raise tu.UserError(f'--heun-steps {args.heun_steps}: Heun needs at least 2 steps (18 = 35 NFE)')
+            raise cli.UserError(f'--heun-steps {args.heun_steps}: Heun needs at least 2 steps (18 = 35 NFE)')
     elif args.ts and not (all(0 < t <= tf.T_MAX for t in args.ts) and
                           all(a > b for a, b in zip(args.ts, args.ts[1:]))):
-        raise tu.UserError(f'--ts {" ".join(map(str, args.ts))}: times must descend, within (0, {tf.T_MAX:.4f}]')
+        raise cli.UserError(f'--ts {" ".join(map(str, args.ts))}: times must descend, within (0, {tf.T_MAX:.4f}]')
 
 
 def data_info(ckpt):
@@ -168,7 +143,7 @@ def image_batches(net, ckpt, indices, args, device, desc='sampling', progress=Tr
             labels = torch.tensor([args.label if args.label is not None else j % classes for j in idx], device=device)
         x = generate(net, ckpt, z, labels, args, randn_like)
         if not torch.isfinite(x).all():
-            raise tu.UserError(f'the network produced NaN or Inf samples (images {idx[0]}..{idx[-1]})')
+            raise cli.UserError(f'the network produced NaN or Inf samples (images {idx[0]}..{idx[-1]})')
         yield data.to_uint8(to_images(x, ckpt).cpu())
 
 
@@ -177,9 +152,13 @@ def to_images(x, ckpt):
     (latents.py; needs diffusers)."""
     if not data_info(ckpt)[1]:
         return x.clamp(-1, 1)
-    import latents                                                # noqa: PLC0415 - diffusers only where needed
-    stats = ckpt.get('data', {}).get('latents') or dict(vae=data.PAPER_VAE, mean=data.LATENT_MEAN, std=data.LATENT_STD)
-    return latents.decode(x, stats)
+    return latents.decode(x, latent_stats(ckpt))
+
+
+def latent_stats(ckpt):
+    """The VAE and normalization a latent model's data had (older checkpoints: the paper's)."""
+    return ckpt.get('data', {}).get('latents') or dict(vae=latents.PAPER_VAE, mean=latents.LATENT_MEAN,
+                                                       std=latents.LATENT_STD)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,32 +171,15 @@ def main():
     p.add_argument('-n', '--num', type=int, default=64, help='number of images (use -n under torchrun)')
     p.add_argument('--grid', help='write a PNG grid of the first 64 images (all of them if --num <= 256)')
     p.add_argument('--npz', help='write the --num images as uint8 [N, H, W, C] to this .npz (key "samples")')
-    p.add_argument('--edit', choices=['inpaint', 'colorize', 'superres', 'stroke', 'denoise', 'interpolate'],
-                   help='zero-shot edit of --input (see above)')
-    p.add_argument('--input', help='image to edit (PNG/JPG)')
-    p.add_argument('--mask', help='inpainting mask: white = generate')
-    p.add_argument('--patch', type=int, default=4, help='super-resolution patch size')
-    p.add_argument('--sigma', type=float, default=0.5, help='denoising: EDM noise level of the input')
-    p.add_argument('--edit-steps', type=int, default=40, help='editing schedule length (CM 2023: 40)')
     args = p.parse_args()
 
-    rank, world, device = init_distributed()
+    rank, world, device = cli.init_distributed()
     net, ckpt = load_net(args.checkpoint, args.raw, device)
     check_args(args, ckpt)
     for path in (args.grid, args.npz):
-        check_output(path)
-    if args.edit:
-        if data_info(ckpt)[1]:
-            raise tu.UserError('the zero-shot edits work on pixels; this model generates SD-VAE latents')
-        if ckpt['model_kwargs'].get('label_dim') and args.label is None:
-            raise tu.UserError(f'this model is class-conditional ({ckpt["model_kwargs"]["label_dim"]} classes): '
-                               f'pass --label K for the class of the edited image')
-        if rank == 0:
-            import edit                                       # noqa: PLC0415 - only the edits need it
-            print(edit.run_edit(net, ckpt, args, device))
-        return
+        cli.check_output(path)
     if not (args.grid or args.npz):
-        raise tu.UserError('nothing to write: pass --grid PNG and/or --npz FILE')
+        raise cli.UserError('nothing to write: pass --grid PNG and/or --npz FILE')
     mine = list(range(rank, args.num, world))                     # this rank's images: i = rank, rank + world, ...
     parts = list(image_batches(net, ckpt, mine, args, device, progress=rank == 0))
     mine_images = np.concatenate(parts) if parts else None               # pixels: a latent model's are decoded
@@ -246,4 +208,4 @@ def main():
 
 
 if __name__ == '__main__':
-    tu.main_guard(main)
+    cli.main_guard(main)

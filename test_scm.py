@@ -1074,6 +1074,60 @@ def test_backward_runs_outside_autocast():
         assert [(a, n) for _, a, n in found] == [(False, True)], (script, found)
 
 
+def test_collectives_are_never_under_rank_0():
+    """Every call all ranks must make (named *_all_ranks, or a dist. collective) sits outside any `if rank == 0`
+    block in each training loop, so that a rank cannot wait forever for one that skipped it."""
+    import ast
+    for script in ('train_teacher.py', 'train_scd.py', 'train_sct.py'):
+        found = []
+
+        def visit(node, rank0):
+            if isinstance(node, ast.If):
+                rank0 = rank0 or 'rank == 0' in ast.unparse(node.test)
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                if name.endswith('_all_ranks') or name.startswith('dist.') and name not in (
+                        'dist.is_initialized', 'dist.get_rank', 'dist.get_world_size', 'dist.init_process_group'):
+                    found.append((name, rank0))
+            for child in ast.iter_child_nodes(node):
+                visit(child, rank0)
+        visit(ast.parse(open(os.path.join(ROOT, script)).read()), False)
+        names = {n for n, _ in found}
+        assert {'tu.load_data_all_ranks', 'tu.check_step_all_ranks', 'ck.log_record_all_ranks',
+                'ck.run_state_all_ranks', 'tu.report_weights_all_ranks'} <= names, (script, names)
+        assert not [n for n, r in found if r], (script, found)
+
+
+def test_no_file_imports_one_that_imports_it_back():
+    """The project's modules import each other one way only (a function-level import counts too): no cycles."""
+    import ast
+    mods = {f[:-3] for f in os.listdir(ROOT) if f.endswith('.py') and not f.startswith('test_')}
+    graph = {}
+    for m in mods:
+        deps = set()
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, m + '.py')).read())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split('.')[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                deps.add(node.module.split('.')[0])
+        graph[m] = deps & mods - {m}
+    assert graph['sample'] >= {'latents'} and 'sample' in graph['edit'] and 'sample' in graph['fid']   # it reads them
+    state = {}
+
+    def cycle_from(m, path):
+        state[m] = 'open'
+        for d in sorted(graph[m]):
+            if state.get(d) == 'open':
+                return path + [m, d]
+            if d not in state and (c := cycle_from(d, path + [m])):
+                return c
+        state[m] = 'done'
+        return None
+    for m in sorted(mods):
+        if m not in state:
+            cycle = cycle_from(m, [])
+            assert cycle is None, ' -> '.join(cycle)
+
 def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
     def fails(script, *args, match):
         p = run_script(script, *args, check=False)
@@ -1117,8 +1171,8 @@ def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
 def test_nonfinite_loss_stops_and_names_the_term(tmp_path):
     """A NaN in the data reaches the loss: the run stops at that step (counted from 1, as the log counts), names the
     term and the data as the cause, exits 3. With --on-nonfinite skip it skips every step and still checkpoints."""
-    lat = (torch.randn(16, 4, 8, 8) * torch.tensor(data.LATENT_STD).view(4, 1, 1) +     # SD-VAE-like raw latents
-           torch.tensor(data.LATENT_MEAN).view(4, 1, 1)).numpy()
+    lat = (torch.randn(16, 4, 8, 8) * torch.tensor(latents.LATENT_STD).view(4, 1, 1) +     # SD-VAE-like raw latents
+           torch.tensor(latents.LATENT_MEAN).view(4, 1, 1)).numpy()
     lat[3, 0, 0, 0] = float('nan')
     np.save(tmp_path / 'lat.npy', lat)
     common = ['--preset', 'fashion-s', '--data', tmp_path / 'lat.npy', '--model', 'DiT-tiny', '--batch', 16,
@@ -1236,7 +1290,6 @@ def test_one_writer_per_run_and_no_litter(image_folder, tmp_path):
 def test_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
     import errno
     import checkpoint
-    import train_util
     path = str(tmp_path / 'checkpoint.pt')
     checkpoint.save(path, {'step': 1})
 
@@ -1245,19 +1298,20 @@ def test_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, m
             fh.write(b'partial')
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(torch, 'save', full_disk)
-    with pytest.raises(train_util.UserError, match='disk is full.*previous checkpoint is intact'):
+    with pytest.raises(cli.UserError, match='disk is full.*previous checkpoint is intact'):
         checkpoint.save(path, {'step': 2})
     assert os.listdir(tmp_path) == ['checkpoint.pt'] and torch.load(path)['step'] == 1
 
 
 def test_sampling_refuses_what_would_give_wrong_images(tiny_teacher, image_folder, tmp_path, monkeypatch, capsys):
+    import cli
+    import edit
     import sample
-    import train_util
 
-    def fails(*args, match):                          # in this process (fast); the CLI path is sample.py's own
-        monkeypatch.setattr(sys, 'argv', ['sample.py', *map(str, args)])
+    def fails(*args, match, main=sample.main):        # in this process (fast); the CLI path is sample.py's own
+        monkeypatch.setattr(sys, 'argv', ['x.py', *map(str, args)])
         with pytest.raises(SystemExit) as e:
-            train_util.main_guard(sample.main)
+            cli.main_guard(main)
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert e.value.code == 2 and last.startswith('error:') and match in last, (e.value.code, last)
 
@@ -1273,7 +1327,17 @@ def test_sampling_refuses_what_would_give_wrong_images(tiny_teacher, image_folde
     fails(sct, '--grid', tmp_path, match='is a folder')
     fails(sct, '--label', 3, '--grid', png, match='no classes')
     fails(tiny_teacher, '--steps', 2, '--grid', png, match='a teacher samples with EDM Heun')
-    fails(sct, '--edit', 'denoise', match='--input')
+    fails(sct, 'denoise', match='denoise needs --input', main=edit.main)
+    img = os.path.join(image_folder, '000.png')
+    fails(sct, 'inpaint', '--input', img, match='needs --mask', main=edit.main)
+    fails(sct, 'interpolate', '--grid', tmp_path, match='is a folder', main=edit.main)
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / 'in.png')
+    Image.fromarray(np.tile(np.uint8([0, 255]), (16, 8))).save(tmp_path / 'mask.png')
+    for args, out in [(['inpaint', '--input', tmp_path / 'in.png', '--mask', tmp_path / 'mask.png'], 'in-inpaint'),
+                      (['interpolate', '-n', 3, '--grid', tmp_path / 'i.png'], 'i')]:
+        monkeypatch.setattr(sys, 'argv', ['edit.py', str(sct), *map(str, args), '--edit-steps', '3'])
+        edit.main()                                   # the input (if any) and the result, side by side
+        assert Image.open(tmp_path / f'{out}.png').size == ((2 if out != 'i' else 3) * 18 + 2, 20)
     ckpt = _ckpt(sct)
     ckpt['ema'][next(iter(ckpt['ema']))].fill_(float('nan'))
     torch.save(ckpt, tmp_path / 'nan.pt')
@@ -1325,7 +1389,9 @@ import zipfile  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import cli  # noqa: E402
 import data  # noqa: E402
+import latents  # noqa: E402
 
 SHARED_DATA = os.environ.get('SCM_DATA', os.path.join(ROOT, '..', 'shared', 'data'))  # as the scripts
 
@@ -1402,38 +1468,38 @@ def test_data_image_folder_and_zip(tmp_path):
 
 
 def test_data_latents(tmp_path):
-    mean = torch.tensor(data.LATENT_MEAN).view(1, 4, 1, 1)
-    std = torch.tensor(data.LATENT_STD).view(1, 4, 1, 1)
+    mean = torch.tensor(latents.LATENT_MEAN).view(1, 4, 1, 1)
+    std = torch.tensor(latents.LATENT_STD).view(1, 4, 1, 1)
     z = torch.randn(512, 4, 4, 4) * std + mean
     np.save(tmp_path / 'lat.npy', z.numpy())
     np.save(tmp_path / 'lat.labels.npy', np.arange(512) % 3)
-    ds = data.load_dataset(str(tmp_path / 'lat.npy'))
+    ds = latents.load(str(tmp_path / 'lat.npy'))
     assert ds.is_latent and ds.shape == (4, 4, 4) and ds.num_classes == 3 and len(ds) == 512
     x, y = ds.get_batch(torch.arange(512))
     assert torch.allclose(x.std((0, 2, 3)), torch.full((4,), 0.5), atol=0.03)    # sigma_d = 0.5 after normalizing
-    assert torch.allclose(data.denormalize_latents(x), z, atol=1e-4) and y.tolist()[:4] == [0, 1, 2, 0]
+    assert torch.allclose(latents.denormalize(x), z, atol=1e-4) and y.tolist()[:4] == [0, 1, 2, 0]
     np.save(tmp_path / 'bad.npy', np.zeros((2, 3, 4, 4), np.float32))
     with pytest.raises(data.DataError, match='4 channels'):
-        data.load_dataset(str(tmp_path / 'bad.npy'))
+        latents.load(str(tmp_path / 'bad.npy'))
 
 
 def test_latents_of_another_encoding_are_refused(tmp_path):
     """The loader's scale check: raw latents whose normalized per-channel mean or std is off from (0, sigma_d) --
     here shifted as [0, 1] pixels shift them (EDM2's tool), or not SD-VAE-like at all -- get one clear line."""
-    mean = torch.tensor(data.LATENT_MEAN).view(1, 4, 1, 1)
-    std = torch.tensor(data.LATENT_STD).view(1, 4, 1, 1)
+    mean = torch.tensor(latents.LATENT_MEAN).view(1, 4, 1, 1)
+    std = torch.tensor(latents.LATENT_STD).view(1, 4, 1, 1)
     torch.manual_seed(0)
     for name, z in [('shifted', torch.randn(64, 4, 4, 4) * std + mean + 0.8 * std),
                     ('unit', torch.randn(64, 4, 4, 4))]:
         np.save(tmp_path / f'{name}.npy', z.numpy())
         with pytest.raises(data.DataError, match=r'mean \[.*encoded another way.*latents.py encode'):
-            data.load_dataset(str(tmp_path / f'{name}.npy'))
+            latents.load(str(tmp_path / f'{name}.npy'))
     np.save(tmp_path / 'post.npy', torch.randn(4, 8, 4, 4).numpy())           # 8 channels need latents.py's .json
     with pytest.raises(data.DataError, match='4 channels'):
-        data.load_dataset(str(tmp_path / 'post.npy'))
+        latents.load(str(tmp_path / 'post.npy'))
     (tmp_path / 'post.json').write_text('{"vae": "x"}')
     with pytest.raises(data.DataError, match='post.json'):
-        data.load_dataset(str(tmp_path / 'post.npy'))
+        latents.load(str(tmp_path / 'post.npy'))
 
 
 def test_center_crop_is_adms():
@@ -1470,7 +1536,7 @@ def test_the_papers_vae_loads_by_name_where_the_hub_is_reachable():
         socket.getaddrinfo('huggingface.co', 443)
     except OSError:
         pytest.skip('huggingface.co is not reachable from here: the real SD-VAE is not loaded')
-    vae = latents.load_vae(data.PAPER_VAE, 'cpu')
+    vae = latents.load_vae(latents.PAPER_VAE, 'cpu')
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing='ij')
     x = torch.stack([xx, yy, xx * yy])[None] * 0.8
     with torch.no_grad():
@@ -1506,7 +1572,7 @@ def test_latent_pipeline_round_trip(tiny_vae, tmp_path):
         post = vae.encode(x).latent_dist
     assert np.abs(z[0, :4] - post.mean[0].numpy()).max() < 1e-4 and np.abs(z[0, 4:] - post.std[0].numpy()).max() < 1e-4
 
-    ds = data.load_dataset(str(out))
+    ds = latents.load(str(out))
     assert ds.is_latent and ds.shape == (4, 8, 8) and ds.num_classes == 2
     assert torch.equal(ds.get_batch(range(6), seed=1)[0], ds.get_batch(range(6), seed=1)[0])
     assert not torch.equal(ds.get_batch(range(6), seed=1)[0], ds.get_batch(range(6), seed=2)[0])
@@ -1530,7 +1596,7 @@ def test_latent_pipeline_round_trip(tiny_vae, tmp_path):
                '--grid', tmp_path / 's.png')
     samples = np.load(tmp_path / 's.npz')['samples']
     assert samples.shape == (3, 16, 16, 3) and samples.dtype == np.uint8 and samples.std() > 0
-    p = run_script('sample.py', run / 'checkpoint.pt', '--edit', 'interpolate', '--label', 0, check=False)
+    p = run_script('edit.py', run / 'checkpoint.pt', 'interpolate', '--label', 0, check=False)
     assert p.returncode == 2 and 'edits work on pixels' in p.stderr
     run_script('latents.py', 'decode', out, '--grid', tmp_path / 'd.png', '-n', 6)
     assert Image.open(tmp_path / 'd.png').mode == 'RGB'

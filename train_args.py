@@ -3,7 +3,7 @@ values, and parsing with a preset's row as the defaults (explicit flags override
 """
 import argparse
 
-from train_util import UserError
+from cli import UserError
 
 
 OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'teacher'}

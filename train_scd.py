@@ -18,8 +18,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import model
 import checkpoint as ck
+import cli
+import model
 import train_args
 import train_util as tu
 import trigflow as tf
@@ -100,11 +101,11 @@ def main():
     log_path = os.path.join(args.out, 'log.jsonl') if rank == 0 else None
 
     # Data: micro-batches of batch_gpu per process, accum of them per step.
-    dataset = tu.load_data(args, rank, world)
+    dataset = tu.load_data_all_ranks(args, rank, world)
     batch_gpu, accum = tu.micro_batches(args, world, len(dataset))
     model_kwargs = dict(tu.model_kwargs_for(args, dataset), cfg_embed=args.s_max > 1)
     if args.s_max > 1 and not model_kwargs['label_dim']:
-        raise tu.UserError('--s-max > 1 needs a class-conditional model; pass --s-max 1')
+        raise cli.UserError('--s-max > 1 needs a class-conditional model; pass --s-max 1')
     grid = tf.discrete_times(args.discrete) if args.discrete else None            # dsCD's N-step grid (App. E)
 
     # Networks: the student starts as the teacher's EMA (App. G.2); a guided student's CFG-scale input starts at 0.
@@ -131,8 +132,10 @@ def main():
               f'{batch_gpu} x {accum} micro-batches each per step, on {device}')
 
     # The loop. Every random draw of a step is seeded by (seed, step, micro-batch, rank), so a resume repeats it.
+    # Calls named *_all_ranks (and dist.*, DDP's backward) are collectives: every rank makes them, in the same order.
     stream = tu.data_stream(dataset, batch_gpu, rank, world, args.seed, step * accum, args.workers)
     grid_z, grid_labels = tu.grid_inputs(dataset, model_kwargs['label_dim'], device)
+    draw_grids = rank == 0 and args.sample_every and tu.grids_decodable(dataset, device)   # latents: needs the VAE
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f'scd {args.preset}')
     net.train()
     while step < args.steps:
@@ -162,9 +165,9 @@ def main():
         terms['grad_norm'] = tu.grad_norm(opt)
         if args.precision == 'fp16' and not torch.isfinite(terms['grad_norm']):
             del terms['grad_norm']
-        bad, stop = tu.check_step(terms, device, world)
+        bad, stop = tu.check_step_all_ranks(terms, device, world)
         if bad and args.on_nonfinite == 'stop':
-            raise tu.NonFiniteError(tu.nonfinite_message(step + 1, terms, bad, x0, ckpt_path, saved_step))
+            raise cli.NonFiniteError(tu.nonfinite_message(step + 1, terms, bad, x0, ckpt_path, saved_step))
         if bad and rank == 0:
             tqdm.write(f'step {step + 1}: non-finite {", ".join(bad)}; step skipped')
 
@@ -182,25 +185,25 @@ def main():
 
         # Log, sample grid, checkpoint (the grid first: a kill between them redoes both on resume).
         if (step % args.log_every == 0 or step == args.steps) and window['n']:
-            rec = ck.log_record(log_path, step, lr, args.batch, window, device, world,
-                                reset=step % args.log_every == 0)
+            rec = ck.log_record_all_ranks(log_path, step, lr, args.batch, window, device, world,
+                                          reset=step % args.log_every == 0)
             bar.set_postfix(loss=f'{rec["loss"]:.4f}', ips=f'{rec["images_per_s"]:.0f}')
-        if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+        if draw_grids and (step % args.sample_every == 0 or step == args.steps):
             F = [lambda u, t, s=s: ema(u, t, grid_labels, torch.full_like(t, s) if args.s_max > 1 else None)
                  for s in args.sample_cfg]                               # the guidance scale for 1 and for 2 steps
             tu.save_grids(args.out, step, dataset, {'1step': tf.sample_consistency(F[0], grid_z),
                                                     '2step': tf.sample_consistency(F[1], grid_z, (tf.T_MAX, tf.T_MID))})
         if step % args.ckpt_every == 0 or step == args.steps or stop:
-            state = ck.run_state(step, 'scd', args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window,
-                                  device, world)
+            state = ck.run_state_all_ranks(step, 'scd', args, model_kwargs, dataset, net, ema, wnet, opt, scaler,
+                                           window, device, world)
             if rank == 0:
                 ck.save(ckpt_path, state)
             saved_step = step
         if stop:
             raise tu.interrupted(step, ckpt_path)
     bar.close()
-    tu.report_weights(net, rank, world)
+    tu.report_weights_all_ranks(net, rank, world)
 
 
 if __name__ == '__main__':
-    tu.main_guard(main)
+    cli.main_guard(main)

@@ -1,8 +1,8 @@
-"""Plain functions the three training scripts (train_teacher.py, train_sct.py, train_scd.py) share: errors and exit
-codes, data and networks of a run, the data stream, the learning rate, EMA, and the pieces of a step (gradient sync,
-precision, the non-finite check, stop signals, grids). Nothing here owns the loop: each script holds its own, top to
-bottom. The command line is in train_args.py, the run folder and checkpoints in checkpoint.py, the method in
-trigflow.py.
+"""Plain functions the three training scripts (train_teacher.py, train_sct.py, train_scd.py) share: the data and
+networks of a run, the data stream, the learning rate, EMA, and the pieces of a step (gradient sync, precision, the
+non-finite check, stop signals, grids). Nothing here owns the loop: each script holds its own, top to bottom.
+Errors and exit codes are in cli.py, the command line in train_args.py, the run folder and checkpoints in
+checkpoint.py, the method in trigflow.py.
 
 Exact resume: every random draw of a step (data order, t, z, dropout, label dropout) comes from generators seeded by
 (seed, step, micro-batch, rank), so a run resumed from a checkpoint repeats bit for bit what an uninterrupted run
@@ -14,80 +14,37 @@ import math
 import os
 import resource
 import signal
-import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+import cli
 import data
+import latents
 import model
 import trigflow as tf
-
-
-class UserError(Exception):
-    """A problem with the command line or the inputs, reported in one line (exit code 2)."""
-
-
-class NonFiniteError(Exception):
-    """A NaN or Inf in the loss, one of its terms or the gradient (exit code 3)."""
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT: the run finished its step and wrote a checkpoint (exit code 4)."""
-
-
-def main_guard(main):
-    """Run main(); print user errors as one `error:` line and exit 2; a stopped non-finite run exits 3, a run stopped
-    by a signal 4, a program interrupted outside a training loop 130."""
-    try:
-        main()
-        if dist.is_initialized():
-            dist.barrier()          # every rank done with its collectives before any tears the group down
-    except (UserError, data.DataError) as e:
-        _close_bars()
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as e:
-        _close_bars()
-        print(f'stopped: {e}', file=sys.stderr)
-        sys.exit(3)
-    except Interrupted as e:
-        _close_bars()
-        print(f'interrupted: {e}', file=sys.stderr)
-        sys.exit(4)
-    except KeyboardInterrupt:
-        _close_bars()
-        print('interrupted', file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _close_bars():
-    """Close open progress bars, so that the message printed next is the last line."""
-    for bar in list(getattr(tqdm, '_instances', ())):
-        bar.close()
 
 
 def micro_batches(args, world, n):
     """(batch per micro-batch, micro-batches per step) on each of `world` processes, for a dataset of n items."""
     if args.batch % world:
-        raise UserError(f'--batch {args.batch} is not divisible by the {world} processes')
+        raise cli.UserError(f'--batch {args.batch} is not divisible by the {world} processes')
     batch_gpu = args.batch_gpu or args.batch // world
     if (args.batch // world) % batch_gpu:
-        raise UserError(f'--batch-gpu {batch_gpu} must divide the per-process batch {args.batch // world}')
+        raise cli.UserError(f'--batch-gpu {batch_gpu} must divide the per-process batch {args.batch // world}')
     batch_indices(n, batch_gpu, 0, world, args.seed, 0)                  # too small a dataset: fail now
     return batch_gpu, args.batch // world // batch_gpu
 
 
-def load_data(args, rank, world):
-    """The training set; under DDP rank 0 downloads what is missing while the others wait."""
+def load_data_all_ranks(args, rank, world):
+    """The training set (SD-VAE latents if a .npy); under DDP rank 0 downloads what is missing while the others wait."""
     if world > 1 and rank != 0:
         dist.barrier()
-    dataset = data.load_dataset(args.data, args.data_dir, 'train', download=rank == 0)
+    if args.data.endswith('.npy'):
+        dataset = latents.load(args.data)
+    else:
+        dataset = data.load_dataset(args.data, args.data_dir, 'train', download=rank == 0)
     if world > 1 and rank == 0:
         dist.barrier()
     return dataset
@@ -107,15 +64,17 @@ def model_kwargs_for(args, dataset, dropout_everywhere=False):
                   label_dim=dataset.num_classes)
         want = (C, H, W)
     else:
-        raise UserError(f'--model {args.model!r} is not in model.UNET_PRESETS, DDPMPP_PRESETS or DIT_PRESETS')
+        raise cli.UserError(f'--model {args.model!r} is not in model.UNET_PRESETS, DDPMPP_PRESETS or DIT_PRESETS')
     if tuple(dataset.shape) != want:
-        raise UserError(f'{dataset.name} has items of shape {"x".join(map(str, dataset.shape))} (CxHxW) but model '
+        raise cli.UserError(f'{dataset.name} has items of shape {"x".join(map(str, dataset.shape))} (CxHxW) but model '
                         f'{args.model!r} expects {"x".join(map(str, want))}; pick a matching --model/--preset')
     label_dim = kw['label_dim']
     if label_dim and not dataset.num_classes:
-        raise UserError(f'model {args.model!r} is class-conditional ({label_dim} classes) but {dataset.name} has no labels')
-    if label_dim and dataset.num_classes != label_dim:
-        raise UserError(f'{dataset.name} has {dataset.num_classes} classes but model {args.model!r} expects {label_dim}')
+        raise cli.UserError(f'model {args.model!r} is class-conditional ({label_dim} classes) but {dataset.name} has '
+                            f'no labels')
+    if label_dim and dataset.num_classes > label_dim:       # fewer is fine: a run on part of ImageNet's classes
+        raise cli.UserError(f'{dataset.name} has {dataset.num_classes} classes (labels 0..{dataset.num_classes - 1}) '
+                            f'but model {args.model!r} takes labels 0..{label_dim - 1}')
     kw['dropout'] = args.dropout
     if dropout_everywhere and kw['arch'] == 'unet':
         kw['dropout_res'] = kw['img_resolution']
@@ -136,7 +95,7 @@ def batch_indices(n, batch_gpu, rank, world, seed, micro):
     """Indices of global micro-batch number `micro` for this rank: epochs are seeded permutations of the data."""
     per_epoch = n // (batch_gpu * world)
     if per_epoch == 0:
-        raise UserError(f'the dataset has {n} items, fewer than one global micro-batch ({batch_gpu} x {world})')
+        raise cli.UserError(f'the dataset has {n} items, fewer than one global micro-batch ({batch_gpu} x {world})')
     epoch, i = divmod(micro, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     start = (i * world + rank) * batch_gpu
@@ -255,7 +214,7 @@ def stop_on_signals():
         signal.signal(sig, note)
 
 
-def check_step(terms, device, world):
+def check_step_all_ranks(terms, device, world):
     """(names of the terms that hold a NaN or Inf, whether to stop for a signal), the same on every rank: one
     all-reduce agrees on both, so that no rank waits for one that has stopped."""
     bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
@@ -266,7 +225,7 @@ def check_step(terms, device, world):
 
 
 def interrupted(step, ckpt_path):
-    return Interrupted(f'{", ".join(_SIGNAL) or "a signal on another rank"} after step {step}; the checkpoint '
+    return cli.Interrupted(f'{", ".join(_SIGNAL) or "a signal on another rank"} after step {step}; the checkpoint '
                        f'{ckpt_path} holds it: pass --resume to continue exactly')
 
 
@@ -300,15 +259,27 @@ def grid_inputs(dataset, label_dim, device):
     return z.to(device), labels
 
 
+def grids_decodable(dataset, device):
+    """Whether sample grids can be shown: pixels always; latents when the VAE they were encoded with loads (diffusers
+    and the weights at hand), else one note and no grids, rather than sampling them to throw away."""
+    if not dataset.is_latent:
+        return True
+    try:
+        latents.get_vae(dataset.latent_stats['vae'], device)
+        return True
+    except cli.UserError as e:
+        print(f'note: no sample grids: they would be latents, and {e}')
+        return False
+
+
 def save_grids(out, step, dataset, images):
-    """{sampler name: images in [-1, 1]} -> <out>/samples/<step>-<name>.png (latents need sample.py's decoder)."""
-    if dataset.is_latent:
-        return
+    """{sampler name: images in [-1, 1] or latents} -> <out>/samples/<step>-<name>.png (latents decoded by the VAE)."""
     for name, x in images.items():
-        data.save_grid(x.float().clamp(-1, 1).cpu(), os.path.join(out, 'samples', f'{step:07d}-{name}.png'))
+        x = latents.decode(x.float(), dataset.latent_stats) if dataset.is_latent else x.float().clamp(-1, 1)
+        data.save_grid(x.cpu(), os.path.join(out, 'samples', f'{step:07d}-{name}.png'))
 
 
-def report_weights(net, rank, world):
+def report_weights_all_ranks(net, rank, world):
     """Print the sha256 of the raw weights; under DDP, one per rank, which must all be the same."""
     h = hashlib.sha256()
     for v in net.state_dict().values():
