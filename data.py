@@ -309,6 +309,18 @@ def _load_cifar10(data_dir, split, download):
     return ImageDataset('cifar10', (3, 32, 32), torch.from_numpy(labels), 10, images=torch.from_numpy(images))
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """A pickle reader that builds dicts, lists, bytes, numbers and numpy arrays, and refuses anything else by name
+    before it runs: a tarball a user hands us cannot run code."""
+    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+               ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'refused {module}.{name}: CIFAR-10 batches hold arrays only')
+        return super().find_class(module, name)
+
+
 def _read_cifar_official(path, split):
     """The pickled batches of cifar-10-python.tar.gz: data_batch_1..5 (train) or test_batch (test)."""
     names = [f'data_batch_{k}' for k in range(1, 6)] if split == 'train' else ['test_batch']
@@ -321,7 +333,7 @@ def _read_cifar_official(path, split):
                 except KeyError:
                     raise DataError(f'data: {path} has no cifar-10-batches-py/{n}; expected the official '
                                     f'cifar-10-python.tar.gz') from None
-                batch = pickle.load(f, encoding='bytes')
+                batch = _ArraysOnly(f, encoding='bytes').load()
                 images.append(np.asarray(batch[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.append(np.asarray(batch[b'labels'], dtype=np.int64))
     except DataError:
@@ -382,9 +394,40 @@ def _is_image_name(rel):
     return rel.lower().endswith(IMAGE_EXTS) and not any(q.startswith('.') or q == '__MACOSX' for q in parts)
 
 
+def _dataset_json_labels(path, is_zip, rel):
+    """(labels, num_classes) from the dataset.json at the root of a folder or zip, as EDM2's dataset_tool.py writes it
+    ({"labels": [[file, label], ...]} or null) and its ImageFolderDataset reads it: classes = largest label + 1, so
+    ImageNet's class ids survive a subset of classes. None when there is no dataset.json."""
+    where = f'dataset.json in {path}'
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as z:
+                text = z.read('dataset.json') if 'dataset.json' in z.namelist() else None
+        else:
+            f = os.path.join(path, 'dataset.json')
+            if not os.path.isfile(f):
+                return None
+            with open(f, 'rb') as fh:
+                text = fh.read()
+        if text is None:
+            return None
+        pairs = json.loads(text)['labels']
+        if pairs is None:
+            return torch.full((len(rel),), -1, dtype=torch.long), 0
+        by_name = {str(f).replace('\\', '/'): int(y) for f, y in pairs}
+        labels = torch.tensor([by_name[r] for r in rel], dtype=torch.long)
+    except KeyError as e:
+        raise DataError(f'data: {where} has no entry {e.args[0]!r}') from None
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f'data: cannot read {where} as EDM2\'s {{"labels": [[file, label], ...]}} ({e})') from None
+    if labels.min() < 0:
+        raise DataError(f'data: {where} has a negative label')
+    return labels, int(labels.max()) + 1
+
+
 def _load_image_files(name, path, is_zip, crop=None):
-    """A folder or zip of images, decoded lazily. Channels and size come from the first image (sorted paths); size
-    crop x crop if crop is given."""
+    """A folder or zip of images, decoded lazily. Labels from dataset.json (EDM2's dataset_tool.py), else from class
+    folders. Channels and size come from the first image (sorted paths); size crop x crop if crop is given."""
     if is_zip:
         try:
             with zipfile.ZipFile(path) as z:
@@ -405,8 +448,10 @@ def _load_image_files(name, path, is_zip, crop=None):
     if not rel:
         raise DataError(f"data: no images ({', '.join(IMAGE_EXTS)}) found in {path}")
 
-    classes = _class_names(rel)
-    if classes is None:
+    edm2 = _dataset_json_labels(path, is_zip, rel)          # EDM2's dataset_tool.py layout: labels by file name
+    if edm2 is not None:
+        labels, num_classes = edm2
+    elif (classes := _class_names(rel)) is None:
         labels, num_classes = torch.full((len(rel),), -1, dtype=torch.long), 0
     else:
         index = {c: k for k, c in enumerate(sorted(set(classes)))}

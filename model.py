@@ -235,7 +235,7 @@ def group_norm(x, gn):
 
 
 def _group_norm_tangent(xs, ts, groups, eps):
-    (x, w, b), (x_t, w_t, b_t) = xs, ts
+    (x, w, _), (x_t, w_t, b_t) = xs, ts
     per_channel = lambda v: v.reshape(1, -1, *([1] * (x.ndim - 2)))
     y, y_t = _standardized_tangent(x.reshape(x.shape[0], groups, -1), x_t.reshape(x.shape[0], groups, -1), eps)
     y, y_t = y.reshape(x.shape), y_t.reshape(x.shape)
@@ -271,18 +271,20 @@ def resample(x, mode='keep'):
 
 class PositionalEmbedding(nn.Module):
     """Transformer sinusoidal embedding of c = c_noise(t) = t (sCM §4.1, replacing Fourier features whose
-    frequency scale 16 makes the tangent unstable, Fig. 4). Scaled by sqrt(2) to unit RMS, and computed in
-    fp32 or wider even under autocast."""
+    frequency scale 16 makes the tangent unstable, Fig. 4), computed in fp32 or wider even under autocast.
+    unit_rms: times sqrt(2), as EDM2's magnitude-preserving MPFourier that it replaces in the U-Net; EDM's DDPM++
+    (its PositionalEmbedding) and DiT (timestep_embedding) do not scale."""
 
-    def __init__(self, num_channels, max_positions=10000, endpoint=False):
+    def __init__(self, num_channels, max_positions=10000, endpoint=False, unit_rms=False):
         super().__init__()
         half = num_channels // 2                  # endpoint: the last frequency is 1 / max_positions (EDM's DDPM++)
         self.register_buffer('freqs', (1 / max_positions) ** (torch.arange(half, dtype=torch.float32) /
                                                               (half - endpoint)))
+        self.gain = math.sqrt(2) if unit_rms else 1.0
 
     def forward(self, c):
         x = c.to(_wide(c.dtype)).reshape(-1, 1) * self.freqs.to(_wide(c.dtype))
-        return torch.cat([x.cos(), x.sin()], dim=1) * math.sqrt(2)
+        return torch.cat([x.cos(), x.sin()], dim=1) * self.gain
 
 
 def _affine(x, w, b=None, stride=1):
@@ -465,10 +467,10 @@ class UNet(nn.Module):
         self.label_balance, self.concat_balance = label_balance, concat_balance
         cblock = [model_channels * m for m in channel_mult]
         cnoise, cemb = cblock[0], max(cblock)
-        self.emb_time = PositionalEmbedding(cnoise)
+        self.emb_time = PositionalEmbedding(cnoise, unit_rms=True)              # c_noise(t) = t, §4.1
         self.emb_noise = MPConv(cnoise, cemb)
         self.emb_label = MPConv(label_dim, cemb) if label_dim else None
-        self.emb_cfg_pos = PositionalEmbedding(cnoise) if cfg_embed else None
+        self.emb_cfg_pos = PositionalEmbedding(cnoise, unit_rms=True) if cfg_embed else None
         self.emb_cfg = MPConv(cnoise, cemb) if cfg_embed else None
         self.cfg_gain = nn.Parameter(torch.zeros([])) if cfg_embed else None
         self.out_gain = nn.Parameter(torch.zeros([]))

@@ -549,6 +549,27 @@ def test_dit_param_count_matches_dit_paper():
     assert abs(n / 675 - 1) < 0.01, n                                            # DiT-XL/2: 675M (DiT Table 4)
 
 
+def test_time_embeddings_are_the_upstream_ones():
+    """c_noise(t) = t enters as DiT's timestep_embedding (cos, sin; frequencies 10000^(-k/half)) and EDM's DDPM++
+    PositionalEmbedding (endpoint: the last frequency 1/10000), both unscaled; the EDM2 U-Net's is sqrt(2) times
+    that, unit RMS as EDM2's magnitude-preserving Fourier features it replaces."""
+    t = torch.tensor([0.0, 0.3, 1.2, 1.5])
+    half = 8
+    dit = torch.exp(-math.log(10000) * torch.arange(half) / half)
+    edm = (1 / 10000) ** (torch.arange(half) / (half - 1))
+    ref = lambda f: torch.cat([(t[:, None] * f).cos(), (t[:, None] * f).sin()], dim=1)
+    assert torch.allclose(model.DiT(input_size=4, in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                                    label_dim=0, time_channels=16).emb_time(t), ref(dit), atol=1e-6)
+    assert torch.allclose(model.PositionalEmbedding(16, endpoint=True)(t), ref(edm), atol=1e-6)
+    ddpmpp = model.DDPMpp(img_resolution=8, img_channels=1, model_channels=16, channel_mult=(1,), num_blocks=1,
+                          attn_resolutions=())
+    assert torch.allclose(ddpmpp.emb_time(t), ref(edm), atol=1e-6)
+    unet = model.UNet(img_resolution=8, img_channels=1, label_dim=0, model_channels=16, channel_mult=[1],
+                      num_blocks=1, attn_resolutions=[])
+    assert torch.allclose(unet.emb_time(t), math.sqrt(2) * ref(dit), atol=1e-6)
+    assert torch.allclose(unet.emb_time(t).square().mean(1), torch.ones(4))              # unit RMS at every t
+
+
 def test_ddpmpp_is_edms_cifar10_network_plus_the_adn_shift():
     """The cifar10 network is EDM's SongUNet `--arch=ddpmpp` (55,732,739 parameters without the augmentation input,
     counted by instantiating EDM's training/networks.py) plus, per block, the emb -> C map of ADN's shift: the same
@@ -1384,6 +1405,7 @@ def test_a_checkpoint_that_carries_code_is_refused_before_it_runs(tiny_teacher, 
 # ---------------------------------------------------------------------------------------------------------------
 # Data: named datasets from the shared folder (skipped where it is absent), image folders, zips, latents, grids.
 
+import io  # noqa: E402
 import zipfile  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -1465,6 +1487,68 @@ def test_data_image_folder_and_zip(tmp_path):
     assert df.shape == (1, 6, 5) and df.num_classes == 0 and df[0][1] == -1
     with pytest.raises(data.DataError, match='b.png is 5x7'):
         df[1]
+
+
+def test_data_edm2_dataset_tool_zip_keeps_its_labels(tmp_path):
+    """A zip in EDM2's dataset_tool.py layout (numbered subfolders, labels in dataset.json) loads with those labels,
+    not its subfolders as classes; make_dataset.py writes that layout from class folders (center-crop-dhariwal)."""
+    g = np.random.default_rng(0)
+    imgs = [g.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(5)]
+    names = [f'{i // 2:05d}/img{i:08d}.png' for i in range(5)]     # 3 subfolders, which must not become classes
+    zp = tmp_path / 'edm2.zip'
+    with zipfile.ZipFile(zp, 'w') as z:
+        for n, a in zip(names, imgs):
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format='png')
+            z.writestr(n, buf.getvalue())
+        z.writestr('dataset.json', json.dumps({'labels': [[n, y] for n, y in zip(names, [7, 0, 998, 7, 3])]}))
+    ds = data.load_dataset(str(zp))
+    assert ds.labels.tolist() == [7, 0, 998, 7, 3] and ds.num_classes == 999 and ds.shape == (3, 8, 8)
+    assert np.array_equal(data.to_uint8(ds[2][0][None])[0], imgs[2])
+    with zipfile.ZipFile(tmp_path / 'bad.zip', 'w') as z:          # a file dataset.json does not name
+        z.writestr(names[0], zipfile.ZipFile(zp).read(names[0]))
+        z.writestr('dataset.json', json.dumps({'labels': [['other.png', 1]]}))
+    with pytest.raises(data.DataError, match=f'no entry {names[0]!r}'):
+        data.load_dataset(str(tmp_path / 'bad.zip'))
+    for c, size in [('n01440764', (90, 60)), ('n01443537', (50, 130))]:  # ImageNet-like class folders, any size
+        for i in range(2):
+            _png(str(tmp_path / 'raw' / c / f'{i}.JPEG.png'), g.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+    for out in ('in16.zip', 'in16'):
+        run_script('make_dataset.py', tmp_path / 'raw', '--resolution', 16, '--out', tmp_path / out)
+        made = data.load_dataset(str(tmp_path / out))
+        assert made.labels.tolist() == [0, 0, 1, 1] and made.shape == (3, 16, 16) and made.num_classes == 2
+        src = Image.open(tmp_path / 'raw' / 'n01443537' / '1.JPEG.png').convert('RGB')
+        assert np.array_equal(data.to_uint8(made[3][0][None])[0], np.asarray(data.center_crop(src, 16)))
+    assert sorted(os.listdir(tmp_path / 'in16')) == ['00000', 'dataset.json'] and not any(
+        n.endswith('.tmp') for n in os.listdir(tmp_path))
+
+
+def test_cifar_pickles_cannot_run_code(tmp_path):
+    """The official CIFAR-10 tarball is read with an unpickler that builds arrays only: a batch whose pickle would
+    call os.mkdir is refused with one DataError, before the call; real-shaped batches load."""
+    import pickle
+    import tarfile
+
+    def tarball(path, batch_bytes):
+        with tarfile.open(path, 'w:gz') as tar:
+            info = tarfile.TarInfo('cifar-10-batches-py/test_batch')
+            info.size = len(batch_bytes)
+            tar.addfile(info, io.BytesIO(batch_bytes))
+    g = np.random.default_rng(0)
+    batch = {b'data': g.integers(0, 256, (10000, 3072), dtype=np.uint8), b'labels': list(range(10)) * 1000}
+    tarball(tmp_path / 'cifar-10-python.tar.gz', pickle.dumps(batch, protocol=2))
+    ds = data.load_dataset('cifar10', str(tmp_path), 'test', download=False)
+    assert len(ds) == 10000 and torch.equal(ds.images[1].reshape(-1), torch.from_numpy(batch[b'data'][1]))
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / 'ran'),)
+    evil = tmp_path / 'evil'
+    evil.mkdir()
+    tarball(evil / 'cifar-10-python.tar.gz', pickle.dumps({b'data': RunsCode()}, protocol=2))
+    with pytest.raises(data.DataError, match='refused posix.mkdir'):
+        data.load_dataset('cifar10', str(evil), 'test', download=False)
+    assert not (tmp_path / 'ran').exists()
 
 
 def test_data_latents(tmp_path):

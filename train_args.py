@@ -1,5 +1,5 @@
-"""The command line of the three training scripts: the flags they share, the consistency-model presets' common
-values, and parsing with a preset's row as the defaults (explicit flags override it).
+"""The command line of the three training scripts: the flags they share, and parsing with a preset's row as the
+defaults (explicit flags override it). The presets themselves are in each script, beside its loop.
 """
 import argparse
 
@@ -55,16 +55,6 @@ def add_cm_args(p):
     a('--discrete', type=int, help='0: continuous time (sCM); N: the discrete-time baseline on an N-step grid')
     a('--two-pass', action='store_true', help='the tangent from a separate no-grad JVP pass, then a forward with '
       'gradient (trigflow.scm_loss): the same loss and gradients, ~2x a diffusion step instead of ~1.7x')
-
-
-def cm_preset(model, data, lr, steps, dropout, P, t_ref, **kw):
-    """CM settings shared by sCT and sCD on ImageNet (sCM Tables 4-5): the teacher's optimizer (Adam (0.9, 0.99,
-    1e-11), batch 2048, fp16) with lr = teacher lr x 0.01 and the same decay t_ref, no rampup (UNCONFIRMED), c = 0.1,
-    10k warmup, EMA sigma_rel 0.05."""
-    return dict(dict(model=model, data=data, batch=2048, steps=steps, lr=lr, lr_decay_steps=t_ref, lr_rampup_mimg=0.0,
-                     optimizer='adam', betas=(0.9, 0.99), eps=1e-11, ema_std=0.05, ema_halflife_mimg=0.0,
-                     dropout=dropout, P_mean=P[0], P_std=P[1], precision='fp16', tangent_c=0.1, tangent_norm='rms',
-                     warmup_steps=10_000, discrete=0), **kw)
 
 
 def parse_args(p, presets):

@@ -25,27 +25,33 @@ import train_args
 import train_util as tu
 import trigflow as tf
 
-_cm = train_args.cm_preset
+# What every CM row shares (sCM Tables 4-5): the teacher's optimizer, Adam (0.9, 0.99, 1e-11), batch 2048, fp16, with
+# lr = the teacher's x 0.01 and the same decay t_ref, no rampup (UNCONFIRMED); c = 0.1, 10k warmup, EMA sigma_rel 0.05.
+CM = dict(batch=2048, lr_rampup_mimg=0.0, optimizer='adam', betas=(0.9, 0.99), eps=1e-11, ema_std=0.05,
+          ema_halflife_mimg=0.0, precision='fp16', tangent_c=0.1, tangent_norm='rms', warmup_steps=10_000, discrete=0)
+IN512 = dict(CM, data=None, steps=100_000, P_mean=-0.8, P_std=1.6, lr_decay_steps=70_000)
+IN64 = dict(CM, data=None, steps=400_000, dropout=0.45, P_mean=-1.0, P_std=1.6, lr_decay_steps=35_000)
+FASHION = dict(CM, data='fashion-mnist', batch=128, lr=1e-3, lr_decay_steps=0, dropout=0.1, P_mean=-1.0, P_std=1.6,
+               eps=1e-8, precision='fp32', warmup_steps=200)
 PRESETS = {
     # ImageNet 512 latents: sCM Table 5, sCT rows (100k iterations, dropout 25%/35% at resolutions <= 16)
-    's':   _cm('s',   None, 1.0e-4, 100_000, 0.25, (-0.8, 1.6), 70_000),
-    'm':   _cm('m',   None, 9.0e-5, 100_000, 0.35, (-0.8, 1.6), 70_000),
-    'l':   _cm('l',   None, 8.0e-5, 100_000, 0.35, (-0.8, 1.6), 70_000),
-    'xl':  _cm('xl',  None, 7.0e-5, 100_000, 0.35, (-0.8, 1.6), 70_000),
-    'xxl': _cm('xxl', None, 6.5e-5, 100_000, 0.35, (-0.8, 1.6), 70_000),
+    's':   dict(IN512, model='s',   lr=1.0e-4, dropout=0.25),
+    'm':   dict(IN512, model='m',   lr=9.0e-5, dropout=0.35),
+    'l':   dict(IN512, model='l',   lr=8.0e-5, dropout=0.35),
+    'xl':  dict(IN512, model='xl',  lr=7.0e-5, dropout=0.35),
+    'xxl': dict(IN512, model='xxl', lr=6.5e-5, dropout=0.35),
     # ImageNet 64 pixels: sCM Table 4, sCT rows (400k iterations, dropout 45% at resolutions <= 16)
-    'img64-s':  _cm('img64-s',  None, 1.0e-4, 400_000, 0.45, (-1.0, 1.6), 35_000),
-    'img64-m':  _cm('img64-m',  None, 9.0e-5, 400_000, 0.45, (-1.0, 1.6), 35_000),
-    'img64-l':  _cm('img64-l',  None, 8.0e-5, 400_000, 0.45, (-1.0, 1.6), 35_000),
-    'img64-xl': _cm('img64-xl', None, 7.0e-5, 400_000, 0.45, (-1.0, 1.6), 35_000),
+    'img64-s':  dict(IN64, model='img64-s',  lr=1.0e-4),
+    'img64-m':  dict(IN64, model='img64-m',  lr=9.0e-5),
+    'img64-l':  dict(IN64, model='img64-l',  lr=8.0e-5),
+    'img64-xl': dict(IN64, model='img64-xl', lr=7.0e-5),
     # CIFAR-10: sCM App. G, as sCD but dropout 0.20 in all layers; iterations UNCONFIRMED (400k)
-    'cifar10': _cm('cifar10', 'cifar10', 1e-4, 400_000, 0.20, (-1.0, 1.4), 0, batch=512, optimizer='radam',
-                   eps=1e-8, ema_std=0.0, ema_halflife_mimg=0.5, precision='fp32'),
+    'cifar10': dict(CM, model='cifar10', data='cifar10', batch=512, steps=400_000, lr=1e-4, lr_decay_steps=0,
+                    optimizer='radam', eps=1e-8, ema_std=0.0, ema_halflife_mimg=0.5, precision='fp32', dropout=0.20,
+                    P_mean=-1.0, P_std=1.4),
     # CPU presets for Fashion-MNIST (not paper configurations)
-    'fashion':   _cm('fashion',   'fashion-mnist', 1e-3, 2_000, 0.1, (-1.0, 1.6), 0, batch=128, eps=1e-8,
-                     precision='fp32', warmup_steps=200),
-    'fashion-s': _cm('fashion-s', 'fashion-mnist', 1e-3, 600, 0.1, (-1.0, 1.6), 0, batch=128, eps=1e-8,
-                     precision='fp32', warmup_steps=200),
+    'fashion':   dict(FASHION, model='fashion', steps=2_000),
+    'fashion-s': dict(FASHION, model='fashion-s', steps=600),
 }
 
 

@@ -25,43 +25,37 @@ import train_util as tu
 import trigflow as tf
 
 
-def _imagenet(model, lr, steps, dropout, ema_std, P, t_ref, label_dropout, cfg=1.0):
-    # EDM2 config G as sCM uses it: Adam (0.9, 0.99, 1e-11), lr alpha_ref / sqrt(max(k / t_ref, 1)) after a 10 Mimg
-    # rampup, batch 2048, fp16 network body. Sampling: Heun with 32 steps (63 NFE), Table 6's guidance for FID.
-    return dict(model=model, data=None, batch=2048, steps=steps, lr=lr, lr_decay_steps=t_ref, lr_rampup_mimg=10.0,
-                optimizer='adam', betas=(0.9, 0.99), eps=1e-11, ema_std=ema_std, ema_halflife_mimg=0.0,
-                dropout=dropout, P_mean=P[0], P_std=P[1], precision='fp16', label_dropout=label_dropout,
-                sample_heun_steps=32, sample_cfg=cfg)
-
-
+# EDM2 config G as sCM uses it (Tables 4-5): Adam (0.9, 0.99, 1e-11), lr alpha_ref / sqrt(max(k / t_ref, 1)) after a
+# 10 Mimg rampup, batch 2048, fp16 network body. Sampling: Heun with 32 steps (63 NFE).
+IMAGENET = dict(data=None, batch=2048, lr_rampup_mimg=10.0, optimizer='adam', betas=(0.9, 0.99), eps=1e-11,
+                ema_halflife_mimg=0.0, precision='fp16', sample_heun_steps=32)
+IN512 = dict(IMAGENET, P_mean=-0.4, P_std=1.0, lr_decay_steps=70_000, label_dropout=0.1)
+IN64 = dict(IMAGENET, P_mean=-0.8, P_std=1.6, lr_decay_steps=35_000, label_dropout=0.0, sample_cfg=1.0)
+# CPU presets for Fashion-MNIST (not paper configurations): EDM2-style lr, short rampup and decay.
+FASHION = dict(data='fashion-mnist', batch=128, lr=1e-2, optimizer='adam', betas=(0.9, 0.99), eps=1e-8, ema_std=0.05,
+               ema_halflife_mimg=0.0, dropout=0.0, P_mean=-0.8, P_std=1.6, precision='fp32', label_dropout=0.1,
+               sample_heun_steps=18, sample_cfg=1.0)
 PRESETS = {
-    # ImageNet 512x512, SD-VAE latents: sCM Table 5, diffusion rows (lr, iterations, dropout, P, teacher EMA sigma_rel);
+    # ImageNet 512x512, SD-VAE latents: sCM Table 5, diffusion rows (lr, iterations, dropout, teacher EMA sigma_rel);
     # guidance for FID from Table 6
-    's':   _imagenet('s',   1.0e-2, 1_048_000, 0.0, 0.025, (-0.4, 1.0), 70_000, 0.1, cfg=1.4),
-    'm':   _imagenet('m',   9.0e-3, 1_048_000, 0.1, 0.030, (-0.4, 1.0), 70_000, 0.1, cfg=1.2),
-    'l':   _imagenet('l',   8.0e-3,   696_000, 0.1, 0.015, (-0.4, 1.0), 70_000, 0.1, cfg=1.2),
-    'xl':  _imagenet('xl',  7.0e-3,   598_000, 0.1, 0.020, (-0.4, 1.0), 70_000, 0.1, cfg=1.2),
-    'xxl': _imagenet('xxl', 6.5e-3,   376_000, 0.1, 0.015, (-0.4, 1.0), 70_000, 0.1, cfg=1.2),
-    # ImageNet 64x64 pixels: sCM Table 4, diffusion rows (no guidance at 64x64)
-    'img64-s':  _imagenet('img64-s',  1.0e-2, 1_048_000, 0.0, 0.075, (-0.8, 1.6), 35_000, 0.0),
-    'img64-m':  _imagenet('img64-m',  9.0e-3, 1_486_000, 0.1, 0.060, (-0.8, 1.6), 35_000, 0.0),
-    'img64-l':  _imagenet('img64-l',  8.0e-3,   761_000, 0.1, 0.040, (-0.8, 1.6), 35_000, 0.0),
-    'img64-xl': _imagenet('img64-xl', 7.0e-3,   540_000, 0.1, 0.040, (-0.8, 1.6), 35_000, 0.0),
+    's':   dict(IN512, model='s',   lr=1.0e-2, steps=1_048_000, dropout=0.0, ema_std=0.025, sample_cfg=1.4),
+    'm':   dict(IN512, model='m',   lr=9.0e-3, steps=1_048_000, dropout=0.1, ema_std=0.030, sample_cfg=1.2),
+    'l':   dict(IN512, model='l',   lr=8.0e-3, steps=696_000,   dropout=0.1, ema_std=0.015, sample_cfg=1.2),
+    'xl':  dict(IN512, model='xl',  lr=7.0e-3, steps=598_000,   dropout=0.1, ema_std=0.020, sample_cfg=1.2),
+    'xxl': dict(IN512, model='xxl', lr=6.5e-3, steps=376_000,   dropout=0.1, ema_std=0.015, sample_cfg=1.2),
+    # ImageNet 64x64 pixels: sCM Table 4, diffusion rows; unguided (no label dropout, no guidance)
+    'img64-s':  dict(IN64, model='img64-s',  lr=1.0e-2, steps=1_048_000, dropout=0.0, ema_std=0.075),
+    'img64-m':  dict(IN64, model='img64-m',  lr=9.0e-3, steps=1_486_000, dropout=0.1, ema_std=0.060),
+    'img64-l':  dict(IN64, model='img64-l',  lr=8.0e-3, steps=761_000,   dropout=0.1, ema_std=0.040),
+    'img64-xl': dict(IN64, model='img64-xl', lr=7.0e-3, steps=540_000,   dropout=0.1, ema_std=0.040),
     # CIFAR-10: sCM App. G (batch 512, 400k iterations, Adam lr 1e-3, (0.9, 0.999), 1e-8, dropout 0.13) with EDM's
     # CIFAR defaults it follows (EMA half-life 0.5 Mimg, 10 Mimg lr rampup, fp32). P = EDM's (-1.2, 1.2): UNCONFIRMED.
     'cifar10': dict(model='cifar10', data='cifar10', batch=512, steps=400_000, lr=1e-3, lr_decay_steps=0,
                     lr_rampup_mimg=10.0, optimizer='adam', betas=(0.9, 0.999), eps=1e-8, ema_std=0.0,
                     ema_halflife_mimg=0.5, dropout=0.13, P_mean=-1.2, P_std=1.2, precision='fp32', label_dropout=0.0,
                     sample_heun_steps=18, sample_cfg=1.0),
-    # CPU presets for Fashion-MNIST (not paper configurations): EDM2-style lr, short rampup and decay.
-    'fashion': dict(model='fashion', data='fashion-mnist', batch=128, steps=20_000, lr=1e-2, lr_decay_steps=4_000,
-                    lr_rampup_mimg=0.05, optimizer='adam', betas=(0.9, 0.99), eps=1e-8, ema_std=0.05,
-                    ema_halflife_mimg=0.0, dropout=0.0, P_mean=-0.8, P_std=1.6, precision='fp32', label_dropout=0.1,
-                    sample_heun_steps=18, sample_cfg=1.0),
-    'fashion-s': dict(model='fashion-s', data='fashion-mnist', batch=128, steps=3_000, lr=1e-2, lr_decay_steps=1_000,
-                      lr_rampup_mimg=0.025, optimizer='adam', betas=(0.9, 0.99), eps=1e-8, ema_std=0.05,
-                      ema_halflife_mimg=0.0, dropout=0.0, P_mean=-0.8, P_std=1.6, precision='fp32',
-                      label_dropout=0.1, sample_heun_steps=18, sample_cfg=1.0),
+    'fashion':   dict(FASHION, model='fashion',   steps=20_000, lr_decay_steps=4_000, lr_rampup_mimg=0.05),
+    'fashion-s': dict(FASHION, model='fashion-s', steps=3_000,  lr_decay_steps=1_000, lr_rampup_mimg=0.025),
 }
 
 
