@@ -1075,6 +1075,12 @@ def test_ddp_gradients_of_the_one_pass_are_the_mean_of_the_ranks(backend, tmp_pa
         assert m and m[1] == 'True' and float(m[2]) < tol and float(m[3]) > 1e-3, p.stdout
 
 
+def test_a_gpu_precision_on_a_cpu_says_so(image_folder, tmp_path):
+    p = run_script('train_teacher.py', '--preset', 'fashion-s', '--data', image_folder, *TINY[:-2], '--steps', 1,
+                   '--precision', 'bf16', '--out', tmp_path / 'run')
+    assert 'note: --precision bf16 on a CPU is emulated' in p.stderr, p.stderr[-2000:]
+
+
 def test_backward_runs_outside_autocast():
     """In each training loop autocast covers the forward and the loss, and the one backward() sits outside it
     (PyTorch's AMP guidance); DDP's no_sync still covers the backward. Read from the scripts' syntax tree."""
@@ -1162,6 +1168,8 @@ def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
     fails('train_teacher.py', *base, '--data', image_folder, '--model', 'fashion-s', '--out', tmp_path / 'x',
           match='16x16')                                                     # 16x16x1 images, a 28x28 model
     fails('train_scd.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--s-max', 1, match='--teacher')
+    last = fails('train_scd.py', '--size', 'xl', match='needs --data (')          # the card's command, bare:
+    assert 'latents.py encode' in last and '--teacher (' in last                   # every missing flag at once
     fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tmp_path / 'no.pt',
           match='no checkpoint')
     # an unreadable image inside a folder (decoded lazily, so it fails in the loop), and a too-small dataset

@@ -7,6 +7,9 @@ from cli import UserError
 
 
 OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'teacher'}
+HINTS = {'data': '--data (the ImageNet presets: the .npy of `python latents.py encode`, or the .zip of '
+                 '`python make_dataset.py` for ImageNet 64)',
+         'teacher': '--teacher (a checkpoint.pt of train_teacher.py)'}
 RUN_CONTROL = {'out', 'resume', 'steps', 'data_dir', 'log_every', 'ckpt_every', 'sample_every', 'workers',
                'on_nonfinite', 'teacher', 'batch_gpu', 'tf32', 'sample_cfg', 'sample_heun_steps',
                'two_pass'}   # all else must match
@@ -74,9 +77,10 @@ def parse_args(p, presets):
     for k, v in vars(args).items():
         if isinstance(v, list):
             setattr(args, k, tuple(v))
-    missing = [k for k, v in vars(args).items() if v is None and k not in OPTIONAL]
+    missing = [k for k, v in vars(args).items() if v is None and (k not in OPTIONAL or k == 'teacher')]
     if missing:
-        raise UserError(f'preset {args.preset!r} sets no value for {missing}; pass them as flags')
+        raise UserError(f'preset {args.preset!r} needs ' + ', '.join(HINTS.get(k, '--' + k.replace('_', '-'))
+                                                                    for k in missing))
     for k in ('batch', 'steps', 'log_every', 'ckpt_every'):
         if getattr(args, k) <= 0:
             raise UserError(f'--{k.replace("_", "-")} must be positive, not {getattr(args, k)}')

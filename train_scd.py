@@ -104,6 +104,7 @@ def main():
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False      # as EDM and EDM2
+    tu.note_cpu_precision(args, device, rank)
     ckpt_path = ck.open_run(args, 'scd', rank)
     log_path = os.path.join(args.out, 'log.jsonl') if rank == 0 else None
 
