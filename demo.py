@@ -201,7 +201,7 @@ def run(steps=STEPS, seed=0, quick=False, out=None, adaptive_weight=ADAPTIVE_WEI
     z = torch.randn(n_eval, 2, generator=gen) * SIGMA_D                          # x_{t_max}, shared by all samplers
     renoise = lambda x: torch.randn(x.shape, generator=gen)                      # the 2-step sampler's fresh noise
     samples = {'data': sample_data(n_eval, gen),
-               'teacher ODE (35 NFE)': tf.sample_heun(F_teacher, z, 18)}        # EDM Heun, 18 steps (App. B.1)
+               'teacher ODE (35 NFE)': tf.sample_heun(F_teacher, z, 18)}        # EDM Heun, 18 steps (App. G.1)
     for method in ('sCD', 'sCT'):                                                # 1 and 2 steps (§5.2): 1 and 2 NFE
         samples[f'{method} 1-step'] = tf.sample_consistency(nets[method], z, (tf.T_MAX,))
         samples[f'{method} 2-step'] = tf.sample_consistency(nets[method], z, (tf.T_MAX, tf.T_MID), randn_like=renoise)

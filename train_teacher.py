@@ -1,4 +1,4 @@
-"""Train the TrigFlow diffusion teacher that sCT and sCD start from (sCM §2, Eq. 4; App. G.1).
+"""Train the TrigFlow diffusion teacher that sCT and sCD start from (sCM §3, Eq. 4; App. G.1).
 
   python train_teacher.py --preset fashion-s                                   # Fashion-MNIST on a CPU
   torchrun --nproc_per_node=8 train_teacher.py --size xl --data in512-latents.npy  # ImageNet 512 latents, Table 5

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 SIGMA_D = 0.5                                   # sCM §3: data std of pixels in [-1, 1] and of normalized latents
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0              # EDM's noise range (Karras et al. 2022), used by the samplers
 T_MIN = math.atan(SIGMA_MIN / SIGMA_D)          # 0.0040
-T_MAX = math.atan(SIGMA_MAX / SIGMA_D)          # 1.5645464: the 1-step start time (App. B.2, Table 5)
+T_MAX = math.atan(SIGMA_MAX / SIGMA_D)          # 1.5645464: the 1-step start time (App. G.2, Tables 4-5)
 T_MID = 1.1                                     # the 2-step intermediate time, the same for every model (sCM §5.2)
 
 
@@ -347,7 +347,8 @@ def edm_sigmas(num_steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0):
 def sample_heun(F, z, num_steps=18, sigma_d=SIGMA_D, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0):
     """The teacher's ODE sampler: EDM's deterministic Heun (Karras et al. 2022, Alg. 1) on the EDM grid, run in EDM
     variables x_sigma = x_t / cos(t). This is the DPM-Solver-2S with Heun's intermediate time the paper uses
-    (App. B.1). 2 num_steps - 1 NFE: 18 steps = 35 NFE (CIFAR-10), 32 steps = 63 NFE (ImageNet).
+    (App. G.1; written in TrigFlow in App. B.1). 2 num_steps - 1 NFE: 18 steps = 35 NFE (CIFAR-10), 32 steps = 63
+    NFE (ImageNet).
     z ~ N(0, sigma_d^2 I) stands for x_{t_max}, t_max = arctan(sigma_max / sigma_d)."""
     B = z.shape[0]
     sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
