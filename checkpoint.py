@@ -1,6 +1,10 @@
 """The run folder: one writer at a time, atomic checkpoints that only this project's scripts write and read, exact
-resume into the same configuration, and log.jsonl with the log window that a resume carries on.
+resume into the same configuration, and log.jsonl with the log window that a resume carries on. Exported
+checkpoints (the EMA weights and what sampling needs, as shipped in checkpoints/):
+
+  python checkpoint.py export runs/scd-fashion-s/checkpoint.pt checkpoints/scd-fashion-s.pt
 """
+import argparse
 import errno
 import fcntl
 import glob
@@ -15,6 +19,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+import cli
 import model
 from cli import UserError
 from train_args import run_config
@@ -79,7 +84,8 @@ def save(path, obj):
                         f' ({free / 2 ** 20:.0f} MB free); the previous checkpoint is intact') from None
 
 
-CKPT_KEYS = ('method', 'step', 'config', 'model_kwargs', 'net', 'ema')
+CKPT_KEYS = ('method', 'step', 'config', 'model_kwargs', 'ema')     # and 'net', 'opt', ... unless exported
+SHIPPED_KEYS = ('method', 'step', 'config', 'model_kwargs', 'data', 'sampling', 'ema')
 
 
 def load(path):
@@ -109,6 +115,9 @@ def resume(path, method, config, net, ema, wnet, opt, scaler, log_path=None):
     """Load a run's state in place; returns (step, log window). Refuses a checkpoint of another method or
     configuration. Drops the log records a killed run wrote after that step, and a torn last line."""
     ckpt = load(path)
+    if 'opt' not in ckpt:
+        raise UserError(f'{path} holds EMA weights only (checkpoint.py export), not a run to resume; start a new run '
+                        f'(a student from it: --teacher)')
     theirs = ckpt['config']
     diff = sorted(k for k in set(config) | set(theirs) if config.get(k) != theirs.get(k))
     if ckpt['method'] != method or diff:
@@ -208,3 +217,22 @@ def log_record_all_ranks(path, step, lr, batch, window, device, world, reset=Tru
     if reset:
         window.update(new_window())
     return rec
+
+
+def export(src, dst):
+    """The part of a checkpoint that sampling, FID, edits and --teacher read (EMA weights, architecture, config,
+    sampling defaults), without the raw weights and optimizer state: what travels, at a third of the size."""
+    ckpt = load(src)
+    save(dst, {k: ckpt[k] for k in SHIPPED_KEYS if k in ckpt})
+    return os.path.getsize(dst)
+
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description='python checkpoint.py export runs/scd-fashion-s/checkpoint.pt '
+                                            'checkpoints/scd-fashion-s.pt: keep what sampling needs (EMA weights)')
+    p.add_argument('command', choices=['export'])
+    p.add_argument('src', help='checkpoint.pt of a training script')
+    p.add_argument('dst', help='the .pt to write')
+    a = p.parse_args()
+    cli.main_guard(lambda: print(f'wrote {a.dst}: {export(a.src, a.dst) / 2 ** 20:.2f} MB, EMA weights of '
+                                 f'step {load(a.dst)["step"]}'))

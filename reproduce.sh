@@ -112,6 +112,9 @@ if has tmid; then   # is the paper's t = 1.1 (tuned on ImageNet) what limits 2-s
     done
     echo "sCD 2-step FID ($CURVE_NUM samples) at step $CM_STEPS against the intermediate time t (paper: 1.1):"
     sort -n "$R/tmid.txt"
+    for m in scd dscd1024 dscd64; do   # the best t on the curve, in the table's FID ($NUM samples): into fid.txt
+        if [ -f "$R/$m/checkpoint.pt" ]; then put "$R/fid.txt" "$m-2step-t0.8 2" "$R/$m/checkpoint.pt" "$NUM" --ts "$t_max" 0.8; fi
+    done
 fi
 if has passes; then   # the one-pass sCD step against the two-pass form: the same teacher, seed and batches
     PASS_STEPS=${PASS_STEPS:-300}

@@ -31,6 +31,8 @@ import trigflow as tf
 def load_net(path, raw=False, device='cpu'):
     """(network, checkpoint) with the EMA weights (or the raw ones) of any of the three training scripts."""
     ckpt = ck.load(path)
+    if raw and 'net' not in ckpt:
+        raise cli.UserError(f'{path} holds the EMA weights only (checkpoint.py export): drop --raw')
     state = ckpt['net' if raw else 'ema']
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

@@ -933,6 +933,7 @@ def test_heun_converges_to_exact_ode_solution():
 # Training scripts: short runs on a tiny synthetic image folder (no download), resume, DDP, bad inputs.
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -1173,7 +1174,6 @@ def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
     fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tmp_path / 'no.pt',
           match='no checkpoint')
     # an unreadable image inside a folder (decoded lazily, so it fails in the loop), and a too-small dataset
-    import shutil
     broken = tmp_path / 'broken'
     shutil.copytree(image_folder, broken)
     for f in sorted(os.listdir(broken))[8:]:
@@ -1330,6 +1330,39 @@ def test_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, m
     with pytest.raises(cli.UserError, match='disk is full.*previous checkpoint is intact'):
         checkpoint.save(path, {'step': 2})
     assert os.listdir(tmp_path) == ['checkpoint.pt'] and torch.load(path)['step'] == 1
+
+
+def test_an_exported_checkpoint_samples_teaches_and_refuses_to_resume(image_folder, tiny_teacher, tmp_path):
+    """checkpoint.py export keeps the EMA weights and what sampling reads: the same images from it as from the run's
+    checkpoint, a student starts from an exported teacher, and --raw and --resume get one line each."""
+    run_script('checkpoint.py', 'export', tiny_teacher, tmp_path / 't.pt')
+    assert set(_ckpt(tmp_path / 't.pt')) == {'method', 'step', 'config', 'model_kwargs', 'data', 'sampling', 'ema'}
+    assert os.path.getsize(tmp_path / 't.pt') < os.path.getsize(tiny_teacher) / 2
+    for ckpt, npz in [(tiny_teacher, 'a.npz'), (tmp_path / 't.pt', 'b.npz')]:
+        run_script('sample.py', ckpt, '-n', 4, '--heun-steps', 3, '--npz', tmp_path / npz)
+    assert np.array_equal(np.load(tmp_path / 'a.npz')['samples'], np.load(tmp_path / 'b.npz')['samples'])
+    run_script('train_scd.py', '--preset', 'fashion-s', '--data', image_folder, *TINY, '--teacher', tmp_path / 't.pt',
+               '--s-max', 1, '--out', tmp_path / 'scd', '--steps', 1)
+    p = run_script('sample.py', tmp_path / 't.pt', '--raw', '--grid', tmp_path / 'x.png', check=False)
+    assert p.returncode == 2 and 'EMA weights only' in p.stderr.strip().splitlines()[-1]
+    os.makedirs(tmp_path / 'r')
+    shutil.copy(tmp_path / 't.pt', tmp_path / 'r' / 'checkpoint.pt')
+    p = run_script('train_teacher.py', '--preset', 'fashion-s', '--data', image_folder, *TINY[:-2], '--steps', 2,
+                   '--out', tmp_path / 'r', '--resume', check=False)
+    assert p.returncode == 2 and 'not a run to resume' in p.stderr.strip().splitlines()[-1], p.stderr[-1000:]
+
+
+def test_the_shipped_checkpoints_sample_as_the_readme_says(tmp_path):
+    """checkpoints/: a fashion-s teacher and its sCD student, EMA weights only, each <= 2 MB; the README's command."""
+    for name in ('teacher-fashion-s.pt', 'scd-fashion-s.pt'):
+        path = os.path.join(ROOT, 'checkpoints', name)
+        assert os.path.getsize(path) <= 2 * 2 ** 20 and 'opt' not in _ckpt(path)
+    ckpt = _ckpt(os.path.join(ROOT, 'checkpoints', 'scd-fashion-s.pt'))
+    assert ckpt['method'] == 'scd' and ckpt['step'] >= ckpt['config']['steps']    # trained its preset's steps
+    run_script('sample.py', 'checkpoints/scd-fashion-s.pt', '--steps', 2, '--grid', tmp_path / 'scd.png',
+                   '--npz', tmp_path / 'scd.npz')
+    x = np.load(tmp_path / 'scd.npz')['samples'].astype(np.float64) / 255
+    assert x.shape == (64, 28, 28, 1) and 0.15 < x.mean() < 0.45 and x.std() > 0.2   # Fashion-MNIST: 0.29, 0.35
 
 
 def test_sampling_refuses_what_would_give_wrong_images(tiny_teacher, image_folder, tmp_path, monkeypatch, capsys):
