@@ -1264,6 +1264,21 @@ def test_tf32_is_off_unless_asked(image_folder, tmp_path, monkeypatch):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True   # torch's defaults
 
 
+def test_presets_keep_the_papers_shared_cm_values():
+    """sCT and sCD each hold their presets beside their loop, with the CM values Tables 4-5 share written out in each
+    file: both files give the same ones, and every ImageNet and CIFAR row of both carries them (CIFAR-10's own
+    optimizer, precision and EMA aside)."""
+    import train_scd
+    import train_sct
+    assert train_scd.CM == train_sct.CM
+    shared = ('tangent_c', 'tangent_norm', 'warmup_steps', 'discrete', 'betas', 'lr_rampup_mimg')
+    for presets in (train_scd.PRESETS, train_sct.PRESETS):
+        for name, row in presets.items():
+            if not name.startswith('fashion'):
+                assert {k: row[k] for k in shared} == {k: train_scd.CM[k] for k in shared}, name
+    assert train_scd.PRESETS['xl']['lr'] == 7.0e-5 and train_sct.PRESETS['xl']['steps'] == 100_000   # Table 5
+
+
 def test_checkpoints_carry_their_presets_sampling_defaults():
     """ImageNet teachers sample with Heun, 32 steps (63 NFE) and Table 6's guidance; a guided sCD student with
     Table 6's guidance for 1 and 2 steps; sample.py takes them from the checkpoint unless told otherwise."""
@@ -1606,6 +1621,30 @@ def test_data_latents(tmp_path):
     np.save(tmp_path / 'bad.npy', np.zeros((2, 3, 4, 4), np.float32))
     with pytest.raises(data.DataError, match='4 channels'):
         latents.load(str(tmp_path / 'bad.npy'))
+
+
+def test_latents_of_part_of_imagenets_classes_train_a_1000_class_model(tmp_path):
+    """Latents of a subset of ImageNet (labels below 1000, fewer classes) fit the 1000-class presets; the class count
+    comes from encode's .json when it has one; labels beyond the model's classes are refused."""
+    import argparse
+    import train_util
+    z = torch.randn(64, 4, 4, 4) * torch.tensor(latents.LATENT_STD).view(1, 4, 1, 1) + \
+        torch.tensor(latents.LATENT_MEAN).view(1, 4, 1, 1)
+    np.save(tmp_path / 'lat.npy', z.numpy())
+    np.save(tmp_path / 'lat.labels.npy', np.arange(64) % 972)
+    ds = latents.load(str(tmp_path / 'lat.npy'))
+    args = argparse.Namespace(model='s', dropout=0.0)
+    ds.shape = (4, 64, 64)                                        # the 's' U-Net's input; the loader gave 4x4x4
+    assert ds.num_classes == 64 and train_util.model_kwargs_for(args, ds)['label_dim'] == 1000
+    ds.num_classes = 1001
+    with pytest.raises(cli.UserError, match=r'labels 0..1000\) but model .s. takes labels 0..999'):
+        train_util.model_kwargs_for(args, ds)
+    post = torch.cat([z, torch.zeros_like(z)], 1)                 # encode's format: posterior mean and std, a .json
+    np.save(tmp_path / 'post.npy', post.numpy())
+    np.save(tmp_path / 'post.labels.npy', np.arange(64) % 3)
+    (tmp_path / 'post.json').write_text(json.dumps(dict(vae='x', mean=latents.LATENT_MEAN, std=latents.LATENT_STD,
+                                                         classes=972)))
+    assert latents.load(str(tmp_path / 'post.npy')).num_classes == 972
 
 
 def test_latents_of_another_encoding_are_refused(tmp_path):
