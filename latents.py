@@ -201,8 +201,8 @@ def encode(args):
     if args.resolution < 8 or args.resolution % 8:
         raise cli.UserError(f'--resolution {args.resolution}: must be a positive multiple of 8 (the VAE downsamples '
                             f'8x)')
-    ds = data.load_dataset(args.images, crop=args.resolution)
-    if ds.is_latent or ds.files is None:
+    ds = None if args.images.endswith('.npy') else data.load_dataset(args.images, crop=args.resolution)
+    if ds is None or ds.files is None:
         raise cli.UserError(f'{args.images}: encode takes an image folder or a .zip of images')
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     vae_name = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae

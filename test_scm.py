@@ -1755,6 +1755,9 @@ def test_latent_pipeline_round_trip(tiny_vae, tmp_path):
     resumed = run_script('train_teacher.py', *common, '--steps', 2, '--out', tmp_path / 'r2', '--resume').stdout
     sha = lambda out: out[out.index('weights sha256'):].split()[2]
     assert sha(whole) == sha(resumed)                           # the posterior draws repeat on resume
+    run_script('train_teacher.py', *common[:-1], 1, '--sample-heun-steps', 2, '--steps', 1, '--out', tmp_path / 'g')
+    grid = Image.open(tmp_path / 'g' / 'samples' / '0000001-heun3.png')    # the grid decoded by the same VAE
+    assert grid.mode == 'RGB' and grid.size == (8 * 18 + 2, 8 * 18 + 2)
     assert _ckpt(run / 'checkpoint.pt')['data']['latents']['vae'] == str(vae_dir)
     run_script('sample.py', run / 'checkpoint.pt', '-n', 3, '--heun-steps', 2, '--npz', tmp_path / 's.npz',
                '--grid', tmp_path / 's.png')
