@@ -158,13 +158,13 @@ def load_vae(name, device):
     try:
         from diffusers.models import AutoencoderKL                          # noqa: PLC0415 - optional dependency
     except ImportError:
-        raise cli.UserError('the SD-VAE needs diffusers: `pip install diffusers` (only latents.py and the decoding '
-                           'of latent models use it)') from None
+        raise cli.UserError('the SD-VAE needs diffusers: `pip install diffusers` (only latents.py and the '
+                            'decoding of latent models use it)') from None
     try:
         vae = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)   # no `accelerate` needed
     except (OSError, ValueError) as e:
         raise cli.UserError(f'cannot load the VAE {name!r} ({str(e).splitlines()[0]}); a hub name such as '
-                           f'{PAPER_VAE} needs the network once, or a local folder saved by diffusers') from None
+                            f'{PAPER_VAE} needs the network once, or a local folder saved by diffusers') from None
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -199,8 +199,8 @@ def encode(args):
     if not args.out.endswith('.npy'):
         raise cli.UserError(f'--out {args.out}: must end in .npy (the loader finds <stem>.json and <stem>.labels.npy)')
     if args.resolution < 8 or args.resolution % 8:
-        raise cli.UserError(f'--resolution {args.resolution}: must be a positive multiple of 8 (the VAE downsamples '
-                            f'8x)')
+        raise cli.UserError(f'--resolution {args.resolution}: must be a positive multiple of 8 (the VAE '
+                            f'downsamples 8x)')
     ds = None if args.images.endswith('.npy') else data.load_dataset(args.images, crop=args.resolution)
     if ds is None or ds.files is None:
         raise cli.UserError(f'{args.images}: encode takes an image folder or a .zip of images')

@@ -37,7 +37,7 @@ def load_net(path, raw=False, device='cpu'):
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise cli.UserError(f'{path}: the {"raw" if raw else "EMA"} weights hold NaN or Inf ({len(bad)} tensors, '
-                           f'e.g. {bad[0]}); the run diverged before this checkpoint')
+                            f'e.g. {bad[0]}); the run diverged before this checkpoint')
     net = model.build(dict(ckpt['model_kwargs'], dropout=0.0))
     net.load_state_dict(state)
     if data_info(ckpt)[1]:
@@ -64,7 +64,7 @@ def check_args(args, ckpt):
     if ckpt['method'] == 'teacher':
         if args.sampler == 'consistency' or args.ts or args.steps != 1:
             raise cli.UserError('a teacher samples with EDM Heun (--heun-steps N, 2N - 1 NFE); --steps, --ts and '
-                               '--sampler consistency are for sCD/sCT checkpoints')
+                                '--sampler consistency are for sCD/sCT checkpoints')
     if ckpt['method'] == 'teacher' or args.sampler == 'heun':
         if args.heun_steps < 2:
             raise cli.UserError(f'--heun-steps {args.heun_steps}: Heun needs at least 2 steps (18 = 35 NFE)')

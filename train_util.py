@@ -75,15 +75,16 @@ def model_kwargs_for(args, dataset, dropout_everywhere=False):
     else:
         raise cli.UserError(f'--model {args.model!r} is not in model.UNET_PRESETS, DDPMPP_PRESETS or DIT_PRESETS')
     if tuple(dataset.shape) != want:
-        raise cli.UserError(f'{dataset.name} has items of shape {"x".join(map(str, dataset.shape))} (CxHxW) but model '
-                        f'{args.model!r} expects {"x".join(map(str, want))}; pick a matching --model/--preset')
+        raise cli.UserError(f'{dataset.name} has items of shape {"x".join(map(str, dataset.shape))} (CxHxW) but '
+                            f'model {args.model!r} expects {"x".join(map(str, want))}; pick a matching '
+                            f'--model/--preset')
     label_dim = kw['label_dim']
     if label_dim and not dataset.num_classes:
-        raise cli.UserError(f'model {args.model!r} is class-conditional ({label_dim} classes) but {dataset.name} has '
-                            f'no labels')
+        raise cli.UserError(f'model {args.model!r} is class-conditional ({label_dim} classes) but {dataset.name} '
+                            f'has no labels')
     if label_dim and dataset.num_classes > label_dim:       # fewer is fine: a run on part of ImageNet's classes
-        raise cli.UserError(f'{dataset.name} has {dataset.num_classes} classes (labels 0..{dataset.num_classes - 1}) '
-                            f'but model {args.model!r} takes labels 0..{label_dim - 1}')
+        raise cli.UserError(f'{dataset.name} has {dataset.num_classes} classes (labels 0..'
+                            f'{dataset.num_classes - 1}) but model {args.model!r} takes labels 0..{label_dim - 1}')
     kw['dropout'] = args.dropout
     if dropout_everywhere and kw['arch'] == 'unet':
         kw['dropout_res'] = kw['img_resolution']
