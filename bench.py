@@ -11,6 +11,8 @@ For each model size, one optimizer step of each kind, in rotation so that load o
                  of every public sCM code)
   sCD stock      one pass through the same network with PyTorch's own rules for every op, as a network of stock
                  layers gets: autograd records the tangent (model.py's primitives keep it from doing so)
+  sCD+aVSD       sCD plus App. C's adaptive VSD: the student's 1-step samples (a forward with gradient), the teacher
+                 and the fake score F_phi at noised samples (no grad), and F_phi's diffusion step (train_scd.py --vsd)
 and sampling: 1 and 2 consistency steps against the teacher's EDM Heun with 18 steps (35 NFE).
 Reports the median time of each, the ratio to the diffusion step, and the peak memory of a step above what the model,
 its optimizer state and the batch hold (CUDA: max_memory_allocated; CPU: the resident-set high-water mark with
@@ -24,6 +26,7 @@ measures with it.
 """
 import argparse
 import contextlib
+import copy
 import json
 import os
 import statistics
@@ -60,6 +63,10 @@ def stock_rules(on=True):
 
 def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
     """One optimizer step of `kind` on the batch x0 (fresh t and z each call)."""
+    if kind == 'sCD+aVSD':                                  # F_phi starts as the teacher, with its own optimizer
+        fake = copy.deepcopy(teacher).requires_grad_(True).train()
+        fake_opt = torch.optim.Adam(fake.parameters(), lr=1e-4)
+
     def step():
         B = x0.shape[0]
         t = tf.sample_t(B, -0.8, 1.6, device=x0.device)
@@ -74,9 +81,20 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
                     with torch.no_grad():
                         dxdt = tf.velocity(lambda u, t: teacher(u, t, labels), x_t, t)
                 loss, _ = tf.scm_loss(F, x_t, t, dxdt, w=wnet(t), two_pass=kind.endswith('2-pass'))
+                if kind == 'sCD+aVSD':
+                    x_gen = tf.one_step(F, torch.randn_like(x0) * tf.SIGMA_D)
+                    F_fake = lambda u, t: fake(u, t, labels)
+                    vsd, _ = tf.avsd_loss(x_gen, lambda u, t: teacher(u, t, labels), F_fake,
+                                          tf.sample_t(B, 0.4, 2.0, device=x0.device), z, w=wnet(t))
+                    fake_loss, _ = tf.diffusion_loss(F_fake, x_gen.detach(), t, z, w=wnet(t))
+                    loss = loss + vsd + fake_loss
         opt.zero_grad(set_to_none=True)
+        if kind == 'sCD+aVSD':
+            fake_opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if kind == 'sCD+aVSD':
+            fake_opt.step()
 
     def part():  # the pieces of an sCD step, to see where its time goes
         B = x0.shape[0]
@@ -90,7 +108,7 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
     return part if kind in PARTS else step
 
 
-KINDS = ('diffusion', 'sCT', 'sCD', 'sCT 2-pass', 'sCD 2-pass', 'sCD stock')
+KINDS = ('diffusion', 'sCT', 'sCD', 'sCT 2-pass', 'sCD 2-pass', 'sCD stock', 'sCD+aVSD')
 PARTS = ('forward', 'JVP pass', 'JVP pass, stock')   # timed alongside the steps (no memory measured)
 
 

@@ -111,7 +111,7 @@ def load(path):
     return ckpt
 
 
-def resume(path, method, config, net, ema, wnet, opt, scaler, log_path=None):
+def resume(path, method, config, net, ema, wnet, opt, scaler, log_path=None, extra=None):
     """Load a run's state in place; returns (step, log window). Refuses a checkpoint of another method or
     configuration. Drops the log records a killed run wrote after that step, and a torn last line."""
     ckpt = load(path)
@@ -124,7 +124,8 @@ def resume(path, method, config, net, ema, wnet, opt, scaler, log_path=None):
         what = [f'method={ckpt["method"]!r} there vs {method!r} here'] if ckpt['method'] != method else []
         what += [f'--{k.replace("_", "-")}={theirs.get(k)!r} there vs {config.get(k)!r} here' for k in diff]
         raise UserError(f'{path} was written by another configuration: ' + ', '.join(what))
-    for module, key in ((net, 'net'), (ema, 'ema'), (wnet, 'wnet'), (opt, 'opt'), (scaler, 'scaler')):
+    for module, key in ((net, 'net'), (ema, 'ema'), (wnet, 'wnet'), (opt, 'opt'), (scaler, 'scaler'),
+                        *((m, k) for k, m in (extra or {}).items())):      # extra: sCD + aVSD's F_phi, ...
         module.load_state_dict(ckpt[key])
     if log_path and os.path.exists(log_path):
         keep = []
@@ -140,13 +141,15 @@ def resume(path, method, config, net, ema, wnet, opt, scaler, log_path=None):
     return ckpt['step'], new_window(**ckpt.get('log_window', {}))
 
 
-def load_teacher(path, kwargs):
-    """The EMA weights of a trained TrigFlow teacher (sCM App. G: students start from them; sCD also distills them)."""
+def load_teacher(path, kwargs, method='teacher'):
+    """The EMA weights of a trained TrigFlow teacher (sCM App. G: students start from them; sCD also distills them),
+    or with method='scd' of an sCD student (sCD + aVSD continues one)."""
     if not path:
         raise UserError('this method starts from a TrigFlow teacher: pass --teacher runs/teacher-<preset>/checkpoint.pt')
     ckpt = load(path)
-    if ckpt.get('method') != 'teacher':
-        raise UserError(f'{path} is a {ckpt.get("method")!r} checkpoint, not a TrigFlow teacher (train_teacher.py)')
+    if ckpt.get('method') != method:
+        raise UserError(f'{path} is a {ckpt.get("method")!r} checkpoint, not ' + (
+            'a TrigFlow teacher (train_teacher.py)' if method == 'teacher' else f'a {method} checkpoint'))
     mine, theirs = model.architecture(kwargs), model.architecture(ckpt['model_kwargs'])
     if mine != theirs:
         raise UserError(f'teacher {path} has another architecture: ' + ', '.join(
@@ -164,7 +167,8 @@ def start_from(net, teacher):
         raise UserError(f'cannot start from the teacher: missing {missing}, unexpected {unexpected}')
 
 
-def run_state_all_ranks(step, method, args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window, device, world):
+def run_state_all_ranks(step, method, args, model_kwargs, dataset, net, ema, wnet, opt, scaler, window, device, world,
+                        extra=None):
     """Everything a resume, sample.py and fid.py need; call it on every rank (the log window is averaged over them,
     so that the first log record after a resume is the one an uninterrupted run writes)."""
     if world > 1 and window['sums']:
@@ -176,7 +180,8 @@ def run_state_all_ranks(step, method, args, model_kwargs, dataset, net, ema, wne
                           num_classes=dataset.num_classes, latents=getattr(dataset, 'latent_stats', None)),
                 net=net.state_dict(), ema=ema.state_dict(), wnet=wnet.state_dict(), opt=opt.state_dict(),
                 scaler=scaler.state_dict(), sampling=sampling_defaults(args),
-                log_window=dict(sums={k: float(v) for k, v in window['sums'].items()}, n=window['n']))
+                log_window=dict(sums={k: float(v) for k, v in window['sums'].items()}, n=window['n']),
+                **{k: m.state_dict() for k, m in (extra or {}).items()})
 
 
 def sampling_defaults(args):

@@ -5,8 +5,8 @@
 # stopped and a finished stage is skipped, so run it again after an interruption, in as many sittings as it takes.
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
-#   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot,
-#                                            # passes: not in the default list)
+#   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot;
+#                                            # passes and vsd: not in the default list)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
 #
 # Writes runs/repro-$PRESET/: {teacher,scd,sct,dscd1024,dscd64}/ (checkpoints, logs, grids), ref-train-$NUM.npz,
@@ -131,6 +131,22 @@ if has passes; then   # the one-pass sCD step against the two-pass form: the sam
     mkdir -p "$FIG/repro"
     cp "$R/passes.txt" "$FIG/repro/"
     $PY plot.py passes "$R/scd-1pass" "$R/scd-2pass" "$FIG/repro/passes.png"
+fi
+if has vsd; then   # sCD + aVSD (App. C) against sCD alone, both continuing the final sCD student for VSD_STEPS steps
+    VSD_STEPS=${VSD_STEPS:-300}
+    S=$R/scd/checkpoint.pt
+    [ "$(step_of "$S")" -ge 1 ] || { echo "error: $S missing; run the scd stage first" >&2; exit 1; }
+    vsd_run() { PRESET=$PRESET-vsd train train_scd.py "$R/$1" "$VSD_STEPS" --teacher "$T" --student "$S" --vsd "$2"; }
+    OMP_NUM_THREADS=1 vsd_run scd-cont 0 &
+    OMP_NUM_THREADS=1 vsd_run scd-vsd 1 &
+    wait %1 && wait %2
+    for m in scd-cont scd-vsd; do
+        for n in 1 2; do put "$R/vsd.txt" "$m-${n}step" "$R/$m/checkpoint.pt" "$NUM" --steps $n; done
+    done
+    echo "sCD continued $VSD_STEPS steps alone and with aVSD (lambda 1), FID ($NUM samples):"
+    column -t "$R/vsd.txt"
+    mkdir -p "$FIG/repro"
+    cp "$R/vsd.txt" "$FIG/repro/"
 fi
 if has plot; then
     mkdir -p "$FIG/repro"

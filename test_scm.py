@@ -324,6 +324,60 @@ def _flat_grad(net):
     return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
 
 
+def _vsd_grads(a, b, mu, s, n=20000, F_fake=None, seed=0):
+    """E[d avsd_loss / d(a, b)] for the Gaussian generator g(z') = a + b z' / sd (so g ~ N(a, b^2)), data N(mu, s^2),
+    the exact teacher F_teacher(mu, s) and, unless given, the exact fake score of the generator, F_teacher(a, b)."""
+    torch.manual_seed(seed)
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    z1 = torch.randn(n, a.shape[0], dtype=a.dtype) * SD
+    x0 = tf.one_step(lambda u, t: (u * SD * (_col(t, u).cos()) - (a + b * u)) / (SD * _col(t, u).sin()), z1)
+    t = tf.sample_t(n, 0.4, 2.0).to(a.dtype)                                   # L_VSD's proposal (Table 5)
+    z = torch.randn_like(x0) * SD
+    loss, _ = tf.avsd_loss(x0, F_teacher(mu, s), F_fake or F_teacher(a.detach(), b.detach()), t, z)
+    return torch.autograd.grad(loss, (a, b))
+
+
+def test_avsd_gradient_is_zero_when_the_fake_score_is_the_teachers():
+    """F_phi = F_pretrain: the student's VSD gradient is exactly zero (only the difference of the two scores moves
+    it), and so is the loss' value without w."""
+    mu, s = gauss_params(D=4)
+    a, b = mu + 0.3, s * 1.5
+    ga, gb = _vsd_grads(a, b, mu, s, n=256, F_fake=F_teacher(mu, s))
+    assert torch.equal(ga, torch.zeros_like(ga)) and torch.equal(gb, torch.zeros_like(gb))
+
+
+def test_avsd_gradient_follows_the_kl_on_gaussians():
+    """Data N(mu, s^2), generator g(z') = a + b z'/sd ~ N(a, b^2), per dimension; teacher and fake score exact.
+    Derivation: the score of x_t is -x_t / sd^2 - cos t F(x_t / sd, t) / (sd sin t) (x0_hat = cos t x_t - sin t sd F),
+    so score_fake - score_data = -cos t (F_fake - F_data) / (sd sin t). The KL of the diffused distributions,
+    q_t = law of cos t g + sin t z, has gradient E[(score_fake - score_data)(x_t) dx_t/dtheta] with
+    dx_t/dtheta = cos t dg/dtheta, i.e. cos^2 t / (sd sin t) E[(F_data - F_fake) dg/dtheta]; avsd_loss's gradient is
+    2 / D E[(F_data - F_fake) dg/dtheta] at the same t: a positive multiple of grad KL(q_t || p_t) at every t. For
+    these Gaussians q_t = N(cos t a, cos^2 t b^2 + sin^2 t sd^2), p_t likewise with (mu, s), so in every dimension
+    d KL_t / d a has the sign of a - mu and d KL_t / d b that of b - s, for every t: the VSD gradient, a positive
+    mixture over t, has the signs of the data-space KL gradient ((a - mu) / s^2, b / s^2 - 1 / b)."""
+    mu, s = gauss_params(D=4)
+    a = mu + torch.tensor([0.3, -0.2, 0.15, -0.4], dtype=mu.dtype)
+    b = s * torch.tensor([1.5, 0.6, 0.8, 1.3], dtype=s.dtype)
+    ga, gb = _vsd_grads(a, b, mu, s)
+    kl_a, kl_b = (a - mu) / s ** 2, b / s ** 2 - 1 / b
+    assert torch.equal(ga.sign(), kl_a.sign()) and torch.equal(gb.sign(), kl_b.sign()), (ga, kl_a, gb, kl_b)
+    assert (ga * kl_a).sum() + (gb * kl_b).sum() > 0
+
+
+def test_avsd_alone_moves_a_gaussian_generator_to_the_data():
+    """Gradient steps on the VSD loss alone, the fake score kept exact (a perfectly trained F_phi), take N(a, b^2)
+    from far off to the data's N(mu, s^2)."""
+    mu, s = gauss_params(D=4)
+    a, b = torch.zeros_like(mu), torch.full_like(s, 0.9)
+    kl = lambda a, b: (torch.log(s / b) + (b ** 2 + (a - mu) ** 2) / (2 * s ** 2) - 0.5).sum()
+    start = kl(a, b)
+    for step in range(150):
+        ga, gb = _vsd_grads(a, b, mu, s, n=2000, seed=step)
+        a, b = a - 0.05 * ga, b - 0.05 * gb
+    assert kl(a, b) < 0.05 * start, (start, kl(a, b))
+
+
 def test_scm_gradient_is_limit_of_discrete_consistency_gradient():
     """sCM's gradient (Eq. 8 with unit w, r = 1, no normalization) equals the dt -> 0 limit of the discrete CM
     gradient  w(t)/D * grad ||f_theta(x_t, t) - f_theta-(x_{t-dt}, t-dt)||^2 / dt  with the prior weight
@@ -984,18 +1038,20 @@ def _ckpt(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-@pytest.mark.parametrize('script', ['train_teacher.py', 'train_scd.py', 'train_sct.py'])
-def test_resume_is_bit_exact(script, image_folder, tiny_teacher, tmp_path):
-    """6 steps in one go == 3 steps, stop, resume to 6 (same weights, EMA, optimizer state, bit for bit)."""
+@pytest.mark.parametrize('spec', ['train_teacher.py', 'train_scd.py', 'train_sct.py', 'train_scd.py --vsd 1'])
+def test_resume_is_bit_exact(spec, image_folder, tiny_teacher, tmp_path):
+    """6 steps in one go == 3 steps, stop, resume to 6 (same weights, EMA, optimizer state, bit for bit; with
+    sCD + aVSD also F_phi and the two adaptive weights)."""
+    script, *more = spec.split()
     extra = [a for a in TINY if script != 'train_teacher.py' or a not in ('--warmup-steps', '4')]
     common = ['--preset', 'fashion-s', '--data', image_folder, *extra, *method_args(script, tiny_teacher),
-              '--dropout', '0.2']
+              '--dropout', '0.2', *more]
     run_script(script, *common, '--out', tmp_path / 'a', '--steps', 6)
     run_script(script, *common, '--out', tmp_path / 'b', '--steps', 3)
     run_script(script, *common, '--out', tmp_path / 'b', '--steps', 6, '--resume')
     a, b = _ckpt(tmp_path / 'a' / 'checkpoint.pt'), _ckpt(tmp_path / 'b' / 'checkpoint.pt')
     assert a['step'] == b['step'] == 6
-    for key in ('net', 'ema', 'wnet'):
+    for key in ('net', 'ema', 'wnet') + (('fake', 'wvsd', 'wfake') if more else ()):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     log_a = {r['step']: r for r in map(json.loads, open(tmp_path / 'a' / 'log.jsonl'))}
@@ -1005,9 +1061,12 @@ def test_resume_is_bit_exact(script, image_folder, tiny_teacher, tmp_path):
         assert log_a[k]['loss'] == log_b[k]['loss'] and log_a[k]['grad_norm'] == log_b[k]['grad_norm'], k
 
 
-@pytest.mark.parametrize('script', ['train_teacher.py', 'train_scd.py', 'train_sct.py'])
-def test_ddp_two_ranks_stay_identical(script, image_folder, tiny_teacher, tmp_path):
-    extra = [a for a in TINY if script != 'train_teacher.py' or a not in ('--warmup-steps', '4')]
+@pytest.mark.parametrize('spec', ['train_teacher.py', 'train_scd.py', 'train_sct.py', 'train_scd.py --vsd 1'])
+def test_ddp_two_ranks_stay_identical(spec, image_folder, tiny_teacher, tmp_path):
+    """Under DDP the ranks' weights stay identical (sCD + aVSD: the student's 1-step samples run the module outside
+    DDP's wrapper, and their gradient still joins the one all-reduce)."""
+    script, *more = spec.split()
+    extra = [a for a in TINY if script != 'train_teacher.py' or a not in ('--warmup-steps', '4')] + more
     p = run_script(script, '--preset', 'fashion-s', '--data', image_folder, *extra, *method_args(script, tiny_teacher),
                    '--out', tmp_path / 'ddp', '--steps', 4, '--dropout', '0.2', nproc=2)
     assert 'identical: True' in p.stdout, p.stdout

@@ -6,7 +6,7 @@ import argparse
 from cli import UserError
 
 
-OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'teacher'}
+OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'teacher', 'student'}
 HINTS = {'data': '--data (the ImageNet presets: the .npy of `python latents.py encode`, or the .zip of '
                  '`python make_dataset.py` for ImageNet 64)',
          'teacher': '--teacher (a checkpoint.pt of train_teacher.py)'}

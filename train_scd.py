@@ -29,10 +29,13 @@ import trigflow as tf
 # lr = the teacher's x 0.01 and the same decay t_ref, no rampup (UNCONFIRMED); c = 0.1, 10k warmup, EMA sigma_rel 0.05.
 CM = dict(batch=2048, lr_rampup_mimg=0.0, optimizer='adam', betas=(0.9, 0.99), eps=1e-11, ema_std=0.05,
           ema_halflife_mimg=0.0, precision='fp16', tangent_c=0.1, tangent_norm='rms', warmup_steps=10_000, discrete=0)
-IN512 = dict(CM, data=None, steps=200_000, P_mean=-0.8, P_std=1.6, lr_decay_steps=70_000, s_max=2.0)
-IN64 = dict(CM, data=None, steps=400_000, dropout=0.0, P_mean=-1.0, P_std=1.6, lr_decay_steps=35_000, s_max=1.0,
+# sCD alone; sCD + adaptive VSD (Table 5) sets vsd = lambda_VSD = 1.0 and uses these proposals: L_VSD's, F_phi's.
+SCD = dict(CM, vsd=0.0, P_vsd=(0.4, 2.0), P_fake=(-0.8, 1.6))
+IN512 = dict(SCD, data=None, steps=200_000, P_mean=-0.8, P_std=1.6, lr_decay_steps=70_000, s_max=2.0)
+VSD512 = dict(IN512, steps=20_000, vsd=1.0, warmup_steps=0)
+IN64 = dict(SCD, data=None, steps=400_000, dropout=0.0, P_mean=-1.0, P_std=1.6, lr_decay_steps=35_000, s_max=1.0,
             sample_cfg=(1.0, 1.0))
-FASHION = dict(CM, data='fashion-mnist', batch=128, lr=1e-3, lr_decay_steps=0, dropout=0.0, P_mean=-1.0, P_std=1.6,
+FASHION = dict(SCD, data='fashion-mnist', batch=128, lr=1e-3, lr_decay_steps=0, dropout=0.0, P_mean=-1.0, P_std=1.6,
                eps=1e-8, precision='fp32', warmup_steps=200, s_max=2.0, sample_cfg=(1.0, 1.0))
 PRESETS = {
     # ImageNet 512 latents: sCM Table 5, sCD rows (200k iterations, max CFG scale 2.0, P (-0.8, 1.6)); guidance for
@@ -42,6 +45,13 @@ PRESETS = {
     'l':   dict(IN512, model='l',   lr=8.0e-5, dropout=0.1, sample_cfg=(1.3, 1.2)),
     'xl':  dict(IN512, model='xl',  lr=7.0e-5, dropout=0.1, sample_cfg=(1.3, 1.2)),
     'xxl': dict(IN512, model='xxl', lr=6.5e-5, dropout=0.1, sample_cfg=(1.3, 1.2)),
+    # sCD + adaptive VSD: Table 5 (20k iterations, lambda_VSD 1, F_phi at the student's lr and dropout), continuing
+    # the sCD student (--student), its tangent warmup done (UNCONFIRMED); Table 6's guidance for FID: 1.2 (S), else 1.0
+    's-vsd':   dict(VSD512, model='s',   lr=1.0e-4, dropout=0.0, sample_cfg=(1.2, 1.2)),
+    'm-vsd':   dict(VSD512, model='m',   lr=9.0e-5, dropout=0.1, sample_cfg=(1.0, 1.0)),
+    'l-vsd':   dict(VSD512, model='l',   lr=8.0e-5, dropout=0.1, sample_cfg=(1.0, 1.0)),
+    'xl-vsd':  dict(VSD512, model='xl',  lr=7.0e-5, dropout=0.1, sample_cfg=(1.0, 1.0)),
+    'xxl-vsd': dict(VSD512, model='xxl', lr=6.5e-5, dropout=0.1, sample_cfg=(1.0, 1.0)),
     # ImageNet 64 pixels: sCM Table 4, sCD rows (400k iterations, dropout 0, P (-1.0, 1.6), unguided)
     'img64-s':  dict(IN64, model='img64-s',  lr=1.0e-4),
     'img64-m':  dict(IN64, model='img64-m',  lr=9.0e-5),
@@ -49,12 +59,13 @@ PRESETS = {
     'img64-xl': dict(IN64, model='img64-xl', lr=7.0e-5),
     # CIFAR-10: sCM App. G: RAdam lr 1e-4 (0.9, 0.99), 1e-8, no schedule, batch 512, P (-1.0, 1.4), dropout 0,
     # EMA half-life 0.5 Mimg, fp32 (UNCONFIRMED); the iteration count is not stated (UNCONFIRMED: 400k)
-    'cifar10': dict(CM, model='cifar10', data='cifar10', batch=512, steps=400_000, lr=1e-4, lr_decay_steps=0,
+    'cifar10': dict(SCD, model='cifar10', data='cifar10', batch=512, steps=400_000, lr=1e-4, lr_decay_steps=0,
                     optimizer='radam', eps=1e-8, ema_std=0.0, ema_halflife_mimg=0.5, precision='fp32', dropout=0.0,
                     P_mean=-1.0, P_std=1.4, s_max=1.0, sample_cfg=(1.0, 1.0)),
     # CPU presets for Fashion-MNIST (not paper configurations): lr 1e-3 and warmup 200 for runs of a few hundred steps
     'fashion':   dict(FASHION, model='fashion', steps=2_000),
     'fashion-s': dict(FASHION, model='fashion-s', steps=600),
+    'fashion-s-vsd': dict(FASHION, model='fashion-s', steps=300, vsd=1.0, warmup_steps=0),  # continues a student
 }
 
 
@@ -83,6 +94,28 @@ def scd_loss(net, teacher, x0, labels, *, wnet=None, P_mean, P_std, r, s_max=1.0
                        jvp=lambda u, t, tangents: net(u, t, labels, s, tangents=tangents))
 
 
+def vsd_losses(net, teacher, fake, x0, labels, s, *, wvsd=None, wfake=None, P_vsd, P_fake):
+    """sCD + adaptive VSD's extra terms for one batch (§5.2, App. C; trigflow.avsd_loss): the student's 1-step
+    samples x_gen = g_theta(z') from t_max, (1) the VSD loss for the student, whose gradient moves x_gen along
+    F_phi - F_pretrain, with the teacher guided at the student's own CFG scale s and F_phi unguided (it models the
+    student's samples, whatever their s); (2) F_phi's TrigFlow diffusion loss (Eq. 4) on the detached samples,
+    with its own adaptive weight. net: the student with gradient (the module, not a DDP wrapper: its gradient joins
+    sCD's in the same backward, which DDP all-reduces once); fake: F_phi, DDP-wrapped. Returns
+    (student loss, F_phi's loss, terms)."""
+    B, sd = x0.shape[0], tf.SIGMA_D
+    x_gen = tf.one_step(lambda u, t: net(u, t, labels, s), torch.randn_like(x0) * sd)     # z' ~ N(0, sigma_d^2 I)
+    F_teacher = lambda u, t: teacher(u, t, labels)
+    if s is not None:
+        F_teacher = tf.guided(F_teacher, lambda u, t: teacher(u, t, torch.full_like(labels, -1)), s)
+    t = tf.sample_t(B, *P_vsd, device=x0.device)                                    # Table 5: (0.4, 2.0)
+    vsd, terms = tf.avsd_loss(x_gen, F_teacher, lambda u, t: fake(u, t, labels), t, torch.randn_like(x_gen) * sd,
+                              w=None if wvsd is None else wvsd(t))
+    t_fake = tf.sample_t(B, *P_fake, device=x0.device)                              # Table 5: (-0.8, 1.6)
+    fake_loss, fake_mse = tf.diffusion_loss(lambda u, t: fake(u, t, labels), x_gen.detach(), t_fake,
+                                            torch.randn_like(x_gen) * sd, w=None if wfake is None else wfake(t_fake))
+    return vsd, fake_loss, dict(terms, fake_loss=fake_loss.detach(), fake_mse=fake_mse.mean())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', '--size', dest='preset', choices=sorted(PRESETS), required=True,
@@ -92,6 +125,13 @@ def main():
     p.add_argument('--s-max', type=float, dest='s_max', help='CFG scales s ~ U[1, s_max] (1 = no guidance)')
     p.add_argument('--sample-cfg', type=float, nargs=2, help='guidance scale with 1 and 2 steps, for the grids and '
                    'sample.py')
+    p.add_argument('--vsd', type=float, dest='vsd', help='lambda_VSD: sCD + adaptive VSD with this weight (Table 5: '
+                   '1.0); 0 = sCD alone')
+    p.add_argument('--P-vsd', type=float, nargs=2, dest='P_vsd', help="L_VSD's proposal (P_mean, P_std)")
+    p.add_argument('--P-fake', type=float, nargs=2, dest='P_fake', help="F_phi's diffusion-loss proposal (P_mean, "
+                   "P_std)")
+    p.add_argument('--student', help='start the student from this sCD checkpoint\'s EMA instead of the teacher\'s '
+                   '(sCD + aVSD continues an sCD student)')
     args = train_args.parse_args(p, PRESETS)
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
@@ -114,6 +154,8 @@ def main():
     model_kwargs = dict(tu.model_kwargs_for(args, dataset), cfg_embed=args.s_max > 1)
     if args.s_max > 1 and not model_kwargs['label_dim']:
         raise cli.UserError('--s-max > 1 needs a class-conditional model; pass --s-max 1')
+    if args.vsd and (args.discrete or args.two_pass):
+        raise cli.UserError('--vsd adds to sCD in continuous time, one pass: drop --discrete and --two-pass')
     grid = tf.discrete_times(args.discrete) if args.discrete else None            # dsCD's N-step grid (App. E)
 
     # Networks: the student starts as the teacher's EMA (App. G.2); a guided student's CFG-scale input starts at 0.
@@ -122,16 +164,27 @@ def main():
     net = model.build(model_kwargs).to(device)
     wnet = tf.AdaptiveWeight().to(device)
     teacher = ck.load_teacher(args.teacher, model_kwargs).to(device)
-    ck.start_from(net, teacher)
+    ck.start_from(net, ck.load_teacher(args.student, model_kwargs, 'scd') if args.student else teacher)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()))
+    # sCD + aVSD (App. C): F_phi starts as the teacher's EMA (UNCONFIRMED; as rCM), unguided, no EMA, its own
+    # optimizer at the student's lr; w_psi(t) weighs the VSD loss, w(t) F_phi's diffusion loss.
+    vsd = {}
+    if args.vsd:
+        vsd = dict(fake=model.build(dict(model_kwargs, cfg_embed=False)).to(device),
+                   wvsd=tf.AdaptiveWeight().to(device), wfake=tf.AdaptiveWeight().to(device))
+        vsd['fake'].load_state_dict(teacher.state_dict())
+        vsd['fake_opt'] = tu.optimizer(args, list(vsd['fake'].parameters()) + list(vsd['wfake'].parameters()))
+    opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()) +
+                       (list(vsd['wvsd'].parameters()) if vsd else []))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
     step, saved_step, window = 0, None, ck.new_window()
     if args.resume:
-        step, window = ck.resume(ckpt_path, 'scd', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path)
+        step, window = ck.resume(ckpt_path, 'scd', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path,
+                                 extra=vsd)
         saved_step = step
     # Any torchrun run. DDP wraps tf.JVP(net), whose forward runs the JVP: DDP cannot run inside one (trigflow.JVP).
     ddp_net, ddp_wnet = (DDP(tf.JVP(net)), DDP(wnet)) if dist.is_initialized() else (tf.JVP(net), wnet)
+    ddp_vsd = {k: DDP(m) if dist.is_initialized() else m for k, m in vsd.items() if k != 'fake_opt'}
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, 'config.json'), 'w') as f:
@@ -151,18 +204,29 @@ def main():
         for group in opt.param_groups:
             group['lr'] = lr
         opt.zero_grad(set_to_none=True)
+        if vsd:
+            vsd['fake_opt'].zero_grad(set_to_none=True)
+            for group in vsd['fake_opt'].param_groups:                      # F_phi: the student's lr (Table 5)
+                group['lr'] = lr
 
         # Micro-batches: gradients accumulate, DDP syncs them on the last one only.
         terms = {}
         for micro in range(accum):
             torch.manual_seed(tu.step_seed(args.seed, step, micro, rank))
             x0, labels = (v.to(device) for v in next(stream))
-            with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1):      # all-reduce in the last backward only
+            with tu.no_sync([ddp_net, ddp_wnet, *ddp_vsd.values()], micro < accum - 1):  # all-reduce in the last only
                 with tu.autocast(device, args.precision):                    # forward and loss; backward outside
                     loss, micro_terms = scd_loss(ddp_net, teacher, x0, labels, wnet=ddp_wnet, two_pass=args.two_pass,
                                                  P_mean=args.P_mean, P_std=args.P_std, r=tf.tangent_warmup(
                                                      step, args.warmup_steps), s_max=args.s_max, c=args.tangent_c,
                                                  tangent_norm=args.tangent_norm, grid=grid)
+                    if vsd:                                                  # + lambda_VSD L_VSD; F_phi's own loss
+                        s = 1 + (args.s_max - 1) * torch.rand(len(labels), device=device) if args.s_max > 1 else None
+                        loss_vsd, loss_fake, vsd_terms = vsd_losses(
+                            net, teacher, ddp_vsd['fake'], x0, labels, s, wvsd=ddp_vsd['wvsd'],
+                            wfake=ddp_vsd['wfake'], P_vsd=args.P_vsd, P_fake=args.P_fake)
+                        loss = loss + args.vsd * loss_vsd + loss_fake                # disjoint parameters
+                        micro_terms.update(vsd_terms)
                 scaler.scale(loss / accum).backward()
             for k, v in micro_terms.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
@@ -171,8 +235,12 @@ def main():
         # All ranks also agree here whether a stop signal came.
         scaler.unscale_(opt)
         terms['grad_norm'] = tu.grad_norm(opt)
-        if args.precision == 'fp16' and not torch.isfinite(terms['grad_norm']):
-            del terms['grad_norm']
+        if vsd:
+            scaler.unscale_(vsd['fake_opt'])
+            terms['fake_grad_norm'] = tu.grad_norm(vsd['fake_opt'])
+        for k in ('grad_norm', 'fake_grad_norm'):
+            if args.precision == 'fp16' and k in terms and not torch.isfinite(terms[k]):
+                del terms[k]
         bad, stop = tu.check_step_all_ranks(terms, device, world)
         if bad and args.on_nonfinite == 'stop':
             raise cli.NonFiniteError(tu.nonfinite_message(step + 1, terms, bad, x0, ckpt_path, saved_step))
@@ -182,12 +250,16 @@ def main():
         # Optimizer step, EDM2's forced weight normalization (EDM2 Eq. 66), EMA.
         if not bad:
             scaler.step(opt)
+            if vsd:
+                scaler.step(vsd['fake_opt'])                                   # one F_phi update per student update
         scaler.update()
         step += 1
         bar.update(1)
         if not bad:
             if model_kwargs['arch'] == 'unet':
                 model.project_weights_(net)
+                if vsd:
+                    model.project_weights_(vsd['fake'])
             tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
             ck.window_add(window, terms)
 
@@ -203,7 +275,7 @@ def main():
                                                     '2step': tf.sample_consistency(F[1], grid_z, (tf.T_MAX, tf.T_MID))})
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             state = ck.run_state_all_ranks(step, 'scd', args, model_kwargs, dataset, net, ema, wnet, opt, scaler,
-                                           window, device, world)
+                                           window, device, world, extra=vsd)
             if rank == 0:
                 ck.save(ckpt_path, state)
             saved_step = step
