@@ -133,6 +133,8 @@ def main():
     p.add_argument('--student', help='start the student from this sCD checkpoint\'s EMA instead of the teacher\'s '
                    '(sCD + aVSD continues an sCD student)')
     args = train_args.parse_args(p, PRESETS)
+    if args.vsd and (args.discrete or args.two_pass):
+        raise cli.UserError('--vsd adds to sCD in continuous time, one pass: drop --discrete and --two-pass')
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process.
@@ -154,8 +156,6 @@ def main():
     model_kwargs = dict(tu.model_kwargs_for(args, dataset), cfg_embed=args.s_max > 1)
     if args.s_max > 1 and not model_kwargs['label_dim']:
         raise cli.UserError('--s-max > 1 needs a class-conditional model; pass --s-max 1')
-    if args.vsd and (args.discrete or args.two_pass):
-        raise cli.UserError('--vsd adds to sCD in continuous time, one pass: drop --discrete and --two-pass')
     grid = tf.discrete_times(args.discrete) if args.discrete else None            # dsCD's N-step grid (App. E)
 
     # Networks: the student starts as the teacher's EMA (App. G.2); a guided student's CFG-scale input starts at 0.
