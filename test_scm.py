@@ -1228,6 +1228,10 @@ def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
     fails('train_teacher.py', *base, '--data', image_folder, '--model', 'fashion-s', '--out', tmp_path / 'x',
           match='16x16')                                                     # 16x16x1 images, a 28x28 model
     fails('train_scd.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--s-max', 1, match='--teacher')
+    fails('train_scd.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--s-max', 1, '--teacher',
+          tiny_teacher, '--vsd', 1, '--discrete', 64, match='--vsd adds to sCD in continuous time')
+    fails('train_scd.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--s-max', 1, '--teacher',
+          tiny_teacher, '--vsd', 1, '--student', tiny_teacher, match="'teacher' checkpoint, not a scd checkpoint")
     last = fails('train_scd.py', '--size', 'xl', match='needs --data (')          # the card's command, bare:
     assert 'latents.py encode' in last and '--teacher (' in last                   # every missing flag at once
     fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tmp_path / 'no.pt',
