@@ -1437,7 +1437,8 @@ def test_the_shipped_checkpoints_sample_as_the_readme_says(tmp_path):
         path = os.path.join(ROOT, 'checkpoints', name)
         assert os.path.getsize(path) <= 2 * 2 ** 20 and 'opt' not in _ckpt(path)
     ckpt = _ckpt(os.path.join(ROOT, 'checkpoints', 'scd-fashion-s.pt'))
-    assert ckpt['method'] == 'scd' and ckpt['step'] >= ckpt['config']['steps']    # trained its preset's steps
+    import train_scd
+    assert ckpt['method'] == 'scd' and ckpt['step'] >= train_scd.PRESETS['fashion-s']['steps']   # its preset's steps
     run_script('sample.py', 'checkpoints/scd-fashion-s.pt', '--steps', 2, '--grid', tmp_path / 'scd.png',
                    '--npz', tmp_path / 'scd.npz')
     x = np.load(tmp_path / 'scd.npz')['samples'].astype(np.float64) / 255
