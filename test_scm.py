@@ -378,6 +378,37 @@ def test_avsd_alone_moves_a_gaussian_generator_to_the_data():
     assert kl(a, b) < 0.05 * start, (start, kl(a, b))
 
 
+def test_pseudo_huber_is_quadratic_then_linear():
+    """iCT's metric: ~ ||x - y||^2 / (2c) for differences << c, ~ ||x - y|| - c for differences >> c, with
+    c = 0.00054 sqrt(d) (CIFAR-10's d = 3072: c = 0.0299)."""
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.float64)
+    c = 0.00054 * math.sqrt(3072)
+    assert abs(c - 0.0299) < 1e-4
+    small, big = torch.full_like(x, 1e-5), torch.full_like(x, 0.5)
+    d2 = small.flatten(1).square().sum(1)
+    assert torch.allclose(tf.pseudo_huber(small, x), d2 / (2 * c), rtol=1e-4)
+    dist = big.flatten(1).norm(dim=1)
+    assert torch.allclose(tf.pseudo_huber(big, x), dist - c, rtol=1e-4)
+
+
+def test_discretization_curricula_follow_their_papers():
+    """iCT (Eq. 7; K = 400k, s0 = 10, s1 = 1280: K' = 50000): N = 11 until step 50k, then 21, ... 1281 from 350k.
+    CM 2023 (App. C; CT on CIFAR-10, K = 800k, s0 = 2, s1 = 150, mu0 = 0.9): N(0) = 2 with mu = 0.9, N(K) = 151."""
+    K = 400_000
+    assert [tf.ict_num_steps(k, K) for k in (0, 49_999, 50_000, 100_000, 300_000, 349_999, 350_000, 399_999)] == \
+        [11, 11, 21, 41, 641, 641, 1281, 1281]
+    N0, mu0 = tf.cm2023_schedule(0, 800_000)
+    NK, muK = tf.cm2023_schedule(800_000, 800_000)
+    assert (N0, NK) == (2, 151) and abs(mu0 - 0.9) < 1e-12 and abs(muK - math.exp(2 * math.log(0.9) / 151)) < 1e-12
+    sigmas = torch.tensor([0.002, 0.1, 1.0, 10.0, 80.0], dtype=torch.float64)
+    p = tf.ict_interval_probs(sigmas)
+    torch.manual_seed(0)
+    draws = torch.exp(torch.randn(200_000, dtype=torch.float64) * 2.0 - 1.1)
+    draws = draws[(draws >= 0.002) & (draws <= 80.0)]                          # the law inside the grid
+    freq = torch.bincount(torch.bucketize(draws, sigmas[1:-1]), minlength=4).double() / len(draws)
+    assert torch.allclose(p, freq, atol=0.005) and abs(p.sum() - 1) < 1e-12     # the log-normal's mass per interval
+
+
 def test_scm_gradient_is_limit_of_discrete_consistency_gradient():
     """sCM's gradient (Eq. 8 with unit w, r = 1, no normalization) equals the dt -> 0 limit of the discrete CM
     gradient  w(t)/D * grad ||f_theta(x_t, t) - f_theta-(x_{t-dt}, t-dt)||^2 / dt  with the prior weight

@@ -344,6 +344,42 @@ def dscd_tangent(F, x_t, t, dxdt, dt, r=1.0, sigma_d=SIGMA_D, F_minus=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The discrete-time family sCM compares against (issue 23, in progress): Consistency Models (CM 2023, Song et al.)
+# and iCT (Song & Dhariwal 2024). Their metric and their grid schedules; the losses are not wired in yet.
+
+
+def pseudo_huber(x, y, c=None):
+    """iCT's metric (§3.3): sqrt(||x - y||^2 + c^2) - c per sample, c = 0.00054 sqrt(d) by default (d = elements per
+    sample). ~ ||x - y||^2 / (2c) for small differences, ~ ||x - y|| for large ones. Returns [B]."""
+    diff = (_wide(x) - _wide(y)).flatten(1)
+    c = 0.00054 * math.sqrt(diff.shape[1]) if c is None else c
+    return (diff.square().sum(1) + c * c).sqrt() - c
+
+
+def ict_num_steps(k, K, s0=10, s1=1280):
+    """iCT's discretization curriculum (§3.4, Eq. 7): N(k) = min(s0 2^floor(k / K'), s1) + 1 grid points at training
+    step k of K, K' = floor(K / (log2(s1 / s0) + 1)): N doubles every K' steps from s0 + 1 to s1 + 1."""
+    K_prime = math.floor(K / (math.log2(s1 // s0) + 1))
+    return min(s0 * 2 ** (k // K_prime), s1) + 1
+
+
+def cm2023_schedule(k, K, s0=2, s1=150, mu0=0.9):
+    """CM 2023's schedules (App. C): N(k) = ceil(sqrt(k / K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1 grid points and the
+    target EMA rate mu(k) = exp(s0 log(mu0) / N(k)). Returns (N, mu). Defaults: CT on CIFAR-10 (its Table 3)."""
+    N = math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
+    return N, math.exp(s0 * math.log(mu0) / N)
+
+
+def ict_interval_probs(sigmas, P_mean=-1.1, P_std=2.0):
+    """iCT's distribution over the intervals [sigma_i, sigma_{i+1}] of an ascending grid (§3.5): the mass a log-normal
+    log(sigma) ~ N(P_mean, P_std^2) puts on each, erf((log sigma_{i+1} - P_mean) / (sqrt 2 P_std)) -
+    erf((log sigma_i - P_mean) / (sqrt 2 P_std)), normalized. Returns [len(sigmas) - 1]."""
+    cdf = torch.erf((torch.as_tensor(sigmas, dtype=torch.float64).log() - P_mean) / (math.sqrt(2) * P_std))
+    p = cdf[1:] - cdf[:-1]
+    return p / p.sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Sampling.
 
 
