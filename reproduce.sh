@@ -6,7 +6,8 @@
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot;
-#                                            # passes and vsd: not in the default list)
+#                                            # passes, vsd and discrete: not in the default list)
+#   TEACHER=checkpoints/teacher-fashion-s.pt STAGES=discrete bash reproduce.sh   # iCT and CD 2023 (~2 h, 2 cores)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
 #
 # Writes runs/repro-$PRESET/: {teacher,scd,sct,dscd1024,dscd64}/ (checkpoints, logs, grids), ref-train-$NUM.npz,
@@ -28,6 +29,7 @@ PY=${PY:-python}
 R=${R:-runs/repro-$PRESET}       # the run folder (override for a smoke run)
 FIG=${FIG:-figures}              # where the plot stage writes hero.png and repro/fid-vs-{steps,tmid}.png
 T=$R/teacher/checkpoint.pt
+TEACHER=${TEACHER:-$T}               # the discrete stage's teacher: e.g. checkpoints/teacher-fashion-s.pt, the shipped one
 REF=$R/ref-train-$NUM.npz            # the reference: the first NUM training images
 mkdir -p "$R/grids"
 
@@ -61,7 +63,7 @@ if has teacher; then
 fi
 [ -f "$REF" ] || $PY fid.py stats fashion-mnist --split train -n "$NUM" --out "$REF"
 grep -q "^teacher " "$R/curve.txt" 2>/dev/null || \
-    put "$R/curve.txt" "teacher $(step_of "$T") 35" "$T" "$CURVE_NUM" --heun-steps 18   # the curve's line
+    put "$R/curve.txt" "teacher $(step_of "$TEACHER") 35" "$TEACHER" "$CURVE_NUM" --heun-steps 18   # the curve's line
 
 cm() {  # cm <name> <script> [flags...]: train in chunks of EVERY steps; after each, two curve points
     local name=$1 script=$2; shift 2
@@ -147,6 +149,17 @@ if has vsd; then   # sCD + aVSD (App. C) against sCD alone, both continuing the 
     column -t "$R/vsd.txt"
     mkdir -p "$FIG/repro"
     cp "$R/vsd.txt" "$FIG/repro/"
+fi
+if has discrete; then   # issue 23: the discrete-time CMs as published against sCT and sCD: the same teacher and budget
+    OMP_NUM_THREADS=1 train train_sct.py "$R/ict" "$CM_STEPS" --teacher "$TEACHER" --recipe ict --K "$CM_STEPS" &
+    OMP_NUM_THREADS=1 train train_scd.py "$R/cd2023" "$CM_STEPS" --teacher "$TEACHER" --recipe cd2023 &
+    wait %1 && wait %2
+    for m in ict cd2023; do
+        row "$m-1step" 1 "$R/$m/checkpoint.pt" --steps 1
+        row "$m-2step" 2 "$R/$m/checkpoint.pt" --steps 2
+    done
+    echo "iCT and CD (2023) after $CM_STEPS steps, FID ($NUM samples):"
+    grep -E "^(ict|cd2023)-" "$R/fid.txt" | column -t
 fi
 if has plot; then
     mkdir -p "$FIG/repro"

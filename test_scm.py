@@ -409,6 +409,104 @@ def test_discretization_curricula_follow_their_papers():
     assert torch.allclose(p, freq, atol=0.005) and abs(p.sum() - 1) < 1e-12     # the log-normal's mass per interval
 
 
+def test_heun_step_is_cds_ode_step_of_a_gaussian_teacher():
+    """CD's x_t' (trigflow.heun_step) against the exact PF-ODE flow of a Gaussian teacher: EDM's Heun is 2nd order,
+    so one step's error falls ~8x when the step halves; to t' = 0 it is Euler's step, which lands on the denoiser."""
+    mu, s = gauss_params(D=5)
+    torch.manual_seed(0)
+    t = torch.linspace(0.3, 1.4, 8, dtype=torch.float64)
+    x_t = gauss_marginal(t, mu, s)
+    F = F_teacher(mu, s)
+    errs = [rel(tf.heun_step(F, x_t, t, t - dt), gauss_transport(x_t, t, t - dt, mu, s)) for dt in (0.08, 0.04, 0.02)]
+    assert errs[2] < 1e-5 and errs[0] / errs[1] > 6 and errs[1] / errs[2] > 6, errs
+    t_prev = torch.where(torch.arange(8) % 2 == 0, torch.zeros(8, dtype=torch.float64), t - 0.04)   # mixed batch
+    x_prev = tf.heun_step(F, x_t, t, t_prev)
+    assert torch.allclose(x_prev[0::2], tf.consistency_fn(F, x_t, t)[0::2], rtol=0, atol=1e-12)
+    assert rel(x_prev[1::2], gauss_transport(x_t, t, t_prev, mu, s)[1::2]) < 1e-4
+
+
+@pytest.mark.parametrize('kind', ['ct', 'cd', 'ict'])
+def test_discrete_cm_gradient_tends_to_scms_as_dt_shrinks(kind):
+    """The discrete CM loss of the training scripts (trigflow.cm_loss) against sCM's (scm_loss, unit weight, r = 1, no
+    normalization): per sample, d/dt of the pair's gap is the tangent, so lambda * grad of the discrete loss, rescaled
+    by 1 / (sigma sin(t - t')) and the metric's small-gap factor, tends to sCM's gradient as dt -> 0, with an error
+    that shrinks in proportion. ct: x_t' from the same z with L2, lambda = 1; cd: one Heun step of a Gaussian teacher;
+    ict: CT with iCT's pseudo-Huber (~ ||.||^2 / 2c) and lambda = 1 / (sigma - sigma')."""
+    D = 4
+    mu, s = gauss_params(D=D)
+    torch.manual_seed(0)
+    net = model.MLP(dim=D, hidden=32, depth=2).double()
+    B = 6
+    t = torch.linspace(0.2, 1.4, B, dtype=torch.float64)
+    x0 = mu + s * torch.randn(B, D, dtype=torch.float64)
+    z = torch.randn(B, D, dtype=torch.float64) * SD
+    x_t, dxdt = tf.forward_process(x0, t, z)
+    if kind == 'cd':
+        x_t = gauss_marginal(t, mu, s)
+        dxdt = tf.velocity(F_teacher(mu, s), x_t, t)
+    net.zero_grad()
+    tf.scm_loss(net, x_t, t, dxdt, r=1.0, c=None)[0].backward()
+    g_scm = _flat_grad(net)
+    c = 0.01
+    errs = []
+    for dt in (1e-2, 1e-3, 1e-4):
+        net.zero_grad()
+        t_prev = t - dt
+        x_prev = tf.heun_step(F_teacher(mu, s), x_t, t, t_prev) if kind == 'cd' else tf.forward_process(x0, t_prev, z)[0]
+        sigma, dsigma = SD * t.tan(), SD * (t.tan() - t_prev.tan())
+        for i in range(B):                                      # one sample at a time: each has its own rescaling
+            one = slice(i, i + 1)
+            if kind == 'ict':
+                loss, _ = tf.cm_loss(net, net, x_t[one], t[one], x_prev[one], t_prev[one], metric='pseudo-huber',
+                                     c=c, weighting='inv-dsigma')
+                scale = 2 * c / D * dsigma[i] / (sigma[i] * math.sin(dt))
+            else:
+                loss, _ = tf.cm_loss(net, net, x_t[one], t[one], x_prev[one], t_prev[one])
+                scale = 1 / (sigma[i] * math.sin(dt))
+            (loss * scale / B).backward()
+        errs.append(rel(_flat_grad(net), g_scm))
+    assert errs[2] < 3e-3 and errs[1] / errs[2] > 5 and errs[0] / errs[1] > 5, errs
+
+
+def test_cm_loss_target_sees_the_students_dropout_mask_and_no_gradient():
+    """iCT's target theta- = stopgrad theta runs with the student's dropout mask (iCT §3.1): with x_t' = x_t and
+    t' = t the loss is exactly 0 through a network with dropout, and no gradient reaches the target. The two metrics
+    and weightings are their formulas."""
+    net = tiny_unet(dropout=0.5).train()
+    x_t, t = torch.randn(3, 1, 16, 16), torch.tensor([0.4, 0.9, 1.3])
+    loss, _ = tf.cm_loss(net, net, x_t, t, x_t, t)
+    assert loss.item() == 0.0
+    a, b = torch.randn(3, 1, 16, 16), torch.randn(3, 1, 16, 16)
+    F_a, F_b = (lambda u, t: a), (lambda u, t: b)                  # networks with constant outputs
+    t_prev = torch.tensor([0.0, 0.5, 1.0])
+    f = lambda F, t: tf.consistency_fn(F, x_t, t)
+    gap = f(F_a, t) - f(F_b, t_prev)
+    l2, terms = tf.cm_loss(F_a, F_b, x_t, t, x_t, t_prev)
+    assert torch.allclose(l2, gap.square().mean()) and torch.allclose(terms['dt'], (t - t_prev).mean())
+    ph, _ = tf.cm_loss(F_a, F_b, x_t, t, x_t, t_prev, metric='pseudo-huber', weighting='inv-dsigma')
+    c = 0.00054 * 16
+    want = ((gap.flatten(1).square().sum(1) + c * c).sqrt() - c) / (SD * (t.tan() - t_prev.tan()))
+    assert torch.allclose(ph, want.mean())
+
+
+def test_grid_intervals_follow_cm_and_ict():
+    """CM 2023's grid: N Karras times from 0.002 to 80 (rho = 7) with the first at t = 0; intervals uniform (CM 2023) or
+    by iCT's discretized log-normal, counted over many draws."""
+    ts = tf.cm_grid(18)
+    sigma = SD * ts.double().tan()
+    i = torch.arange(1, 17, dtype=torch.float64)
+    want = (0.002 ** (1 / 7) + i / 17 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    assert len(ts) == 18 and ts[0] == 0 and torch.allclose(sigma[1:-1], want, rtol=1e-5) and abs(sigma[-1] - 80) < 1e-3
+    g = torch.Generator().manual_seed(0)
+    for P in ((None, None), (-1.1, 2.0)):
+        t, t_prev = tf.sample_interval(100_000, ts, *P, generator=g)
+        idx = torch.searchsorted(ts, t_prev)
+        assert torch.equal(ts[idx + 1], t)                                   # adjacent grid points
+        freq = torch.bincount(idx, minlength=17).double() / len(idx)
+        p = torch.full((17,), 1 / 17, dtype=torch.float64) if P[0] is None else tf.ict_interval_probs(sigma, *P)
+        assert torch.allclose(freq, p, atol=0.005), (P, freq, p)
+
+
 def test_scm_gradient_is_limit_of_discrete_consistency_gradient():
     """sCM's gradient (Eq. 8 with unit w, r = 1, no normalization) equals the dt -> 0 limit of the discrete CM
     gradient  w(t)/D * grad ||f_theta(x_t, t) - f_theta-(x_{t-dt}, t-dt)||^2 / dt  with the prior weight
@@ -1069,10 +1167,11 @@ def _ckpt(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-@pytest.mark.parametrize('spec', ['train_teacher.py', 'train_scd.py', 'train_sct.py', 'train_scd.py --vsd 1'])
+@pytest.mark.parametrize('spec', ['train_teacher.py', 'train_scd.py', 'train_sct.py', 'train_scd.py --vsd 1',
+                                  'train_sct.py --recipe ct2023 --K 6', 'train_scd.py --recipe cd2023'])
 def test_resume_is_bit_exact(spec, image_folder, tiny_teacher, tmp_path):
     """6 steps in one go == 3 steps, stop, resume to 6 (same weights, EMA, optimizer state, bit for bit; with
-    sCD + aVSD also F_phi and the two adaptive weights)."""
+    sCD + aVSD also F_phi and the two adaptive weights; with CT 2023 its EMA target theta-)."""
     script, *more = spec.split()
     extra = [a for a in TINY if script != 'train_teacher.py' or a not in ('--warmup-steps', '4')]
     common = ['--preset', 'fashion-s', '--data', image_folder, *extra, *method_args(script, tiny_teacher),
@@ -1082,7 +1181,12 @@ def test_resume_is_bit_exact(spec, image_folder, tiny_teacher, tmp_path):
     run_script(script, *common, '--out', tmp_path / 'b', '--steps', 6, '--resume')
     a, b = _ckpt(tmp_path / 'a' / 'checkpoint.pt'), _ckpt(tmp_path / 'b' / 'checkpoint.pt')
     assert a['step'] == b['step'] == 6
-    for key in ('net', 'ema', 'wnet') + (('fake', 'wvsd', 'wfake') if more else ()):
+    assert ('fake' in a) == ('--vsd' in spec) and ('target' in a) == ('ct2023' in spec)
+    if 'target' in a:          # theta- moved from the start (the teacher's EMA) and lags theta: an EMA of it
+        start = _ckpt(tiny_teacher)['ema']
+        assert any(not torch.equal(a['target'][k], v) for k, v in start.items())
+        assert any(not torch.equal(a['target'][k], a['net'][k]) for k in start)
+    for key in ('net', 'ema', 'wnet') + tuple(k for k in ('fake', 'wvsd', 'wfake', 'target') if k in a):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     log_a = {r['step']: r for r in map(json.loads, open(tmp_path / 'a' / 'log.jsonl'))}
@@ -1092,7 +1196,8 @@ def test_resume_is_bit_exact(spec, image_folder, tiny_teacher, tmp_path):
         assert log_a[k]['loss'] == log_b[k]['loss'] and log_a[k]['grad_norm'] == log_b[k]['grad_norm'], k
 
 
-@pytest.mark.parametrize('spec', ['train_teacher.py', 'train_scd.py', 'train_sct.py', 'train_scd.py --vsd 1'])
+@pytest.mark.parametrize('spec', ['train_teacher.py', 'train_scd.py', 'train_sct.py', 'train_scd.py --vsd 1',
+                                  'train_sct.py --recipe ict'])
 def test_ddp_two_ranks_stay_identical(spec, image_folder, tiny_teacher, tmp_path):
     """Under DDP the ranks' weights stay identical (sCD + aVSD: the student's 1-step samples run the module outside
     DDP's wrapper, and their gradient still joins the one all-reduce)."""
@@ -1265,6 +1370,15 @@ def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
           tiny_teacher, '--vsd', 1, '--discrete', 64, match='--vsd adds to sCD in continuous time')
     fails('train_scd.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--s-max', 1, '--teacher',
           tiny_teacher, '--vsd', 1, '--student', tiny_teacher, match="'teacher' checkpoint, not a scd checkpoint")
+    # the discrete-time recipes' flags without a recipe, and a recipe with sCM-only flags or a bad value
+    fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tiny_teacher,
+          '--metric', 'l2', match='--metric belong to the discrete-time recipes')
+    fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tiny_teacher,
+          '--recipe', 'ict', '--discrete', 64, match="--discrete is for sCM's loss, not --recipe ict")
+    fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tiny_teacher,
+          '--recipe', 'ct2023', '--mu0', 1, match='--mu0 must be in [0, 1)')
+    fails('train_scd.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tiny_teacher,
+          '--recipe', 'cd2023', '--N', 1, match='needs --N of 2 or more')
     last = fails('train_scd.py', '--size', 'xl', match='needs --data (')          # the card's command, bare:
     assert 'latents.py encode' in last and '--teacher (' in last                   # every missing flag at once
     fails('train_sct.py', *base, '--data', image_folder, '--out', tmp_path / 'x', '--teacher', tmp_path / 'no.pt',
@@ -1291,6 +1405,17 @@ def test_bad_inputs_get_one_clear_line(image_folder, tiny_teacher, tmp_path):
     fails('train_teacher.py', *base, '--data', image_folder, '--out', tmp_path / 'r', '--resume', '--lr', 0.5,
           '--label-dropout', 0, match='--lr=0.01 there vs 0.5 here')
     assert open(tmp_path / 'r' / 'checkpoint.pt', 'rb').read() == before
+
+
+def test_recipes_print_their_published_values_under_help():
+    """--help lists every recipe's values; with --recipe the flags show that recipe's value, over the preset's."""
+    out = run_script('train_sct.py', '--help').stdout
+    assert 'ict: grid=ict, s0=10, s1=1280, mu0=0.0, metric=pseudo-huber' in ' '.join(out.split())
+    assert 'ct2023: grid=cm2023, s0=2, s1=150, mu0=0.9, metric=l2' in ' '.join(out.split())
+    out = ' '.join(run_script('train_sct.py', '--preset', 'fashion-s', '--recipe', 'ict', '--help').stdout.split())
+    assert '[ict: pseudo-huber]' in out and '[ict: -1.1]' in out and '[fashion-s: 128]' in out
+    out = ' '.join(run_script('train_scd.py', '--preset', 'fashion-s', '--recipe', 'cd2023', '--help').stdout.split())
+    assert 'cd2023: grid=fixed, N=18, mu0=0.0, metric=l2' in out and '[cd2023: 18]' in out
 
 
 def test_nonfinite_loss_stops_and_names_the_term(tmp_path):

@@ -6,7 +6,8 @@
 The student starts from the teacher's EMA weights and learns f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t/sigma_d, t)
 so that f is constant along the teacher's PF-ODE: dx_t/dt = sigma_d F_teacher(x_t/sigma_d, t), with classifier-free
 guidance at a scale s ~ U[1, s_max] that the student also sees (ImageNet 512). --discrete N trains the discrete-time
-dsCD baseline (App. E) with the same improvements instead. `--preset X --help` lists every flag with X's value.
+dsCD baseline (App. E) with the same improvements instead; --recipe cd2023 trains Consistency Models' CD as published.
+`--preset X --help` lists every flag with X's value.
 """
 import argparse
 import copy
@@ -67,6 +68,16 @@ PRESETS = {
     'fashion-s': dict(FASHION, model='fashion-s', steps=600),
     'fashion-s-vsd': dict(FASHION, model='fashion-s', steps=300, vsd=1.0, warmup_steps=0),  # continues a student
 }
+# --recipe: the discrete-time consistency distillation sCM compares against, as published (trigflow.py's discrete-time
+# section); a recipe sets only the loss, the rest is the preset's. Every value has its flag.
+RECIPES = {
+    'scm': dict(recipe='scm'),                                     # sCD, Alg. 1
+    # CD of Consistency Models (Song et al. 2023, Table 3, CIFAR-10): N = 18, one Heun step of the teacher,
+    # mu = 0 (theta- = theta), uniform intervals, lambda = 1, no guidance; L2 where the best used LPIPS (not here: it
+    # needs downloaded weights)
+    'cd2023': dict(recipe='cd2023', grid='fixed', N=18, mu0=0.0, metric='l2', weighting='one', intervals='uniform',
+                   s_max=1.0),
+}
 
 
 def scd_loss(net, teacher, x0, labels, *, wnet=None, P_mean, P_std, r, s_max=1.0, c=0.1,
@@ -92,6 +103,23 @@ def scd_loss(net, teacher, x0, labels, *, wnet=None, P_mean, P_std, r, s_max=1.0
     return tf.scm_loss(lambda u, t: net(u, t, labels, s), x_t, t, dxdt, w=None if wnet is None else wnet(t), r=r,
                        c=c, tangent_norm=tangent_norm, dt=dt, two_pass=two_pass,
                        jvp=lambda u, t, tangents: net(u, t, labels, s, tangents=tangents))
+
+
+def cd_loss(net, target, teacher, x0, labels, ts, *, intervals, P_mean, P_std, metric, c, weighting, s_max=1.0):
+    """CD's loss for one batch (CM 2023 Alg. 2): an interval (t', t) of the grid ts, x_t from (x0, z) and x_t' from
+    one Heun step of the teacher's PF-ODE (trigflow.heun_step), then trigflow.cm_loss. net: the student with
+    gradient (DDP-wrapped); target: theta-'s network (net itself, unwrapped, when mu = 0). s ~ U[1, s_max]: the
+    teacher's CFG scale, seen by student and target, as in sCD (CM 2023 has no guidance: s_max = 1)."""
+    B = x0.shape[0]
+    t, t_prev = tf.sample_interval(B, ts, *((P_mean, P_std) if intervals == 'lognormal' else ()), device=x0.device)
+    x_t, _ = tf.forward_process(x0, t, torch.randn_like(x0) * tf.SIGMA_D)           # z ~ N(0, sigma_d^2 I)
+    s = 1 + (s_max - 1) * torch.rand(B, device=x0.device) if s_max > 1 else None
+    F_teacher = lambda u, t: teacher(u, t, labels)
+    if s is not None:
+        F_teacher = tf.guided(F_teacher, lambda u, t: teacher(u, t, torch.full_like(labels, -1)), s)
+    x_prev = tf.heun_step(F_teacher, x_t, t, t_prev)                                 # CD's x_t'
+    return tf.cm_loss(lambda u, t: net(u, t, labels, s), lambda u, t: target(u, t, labels, s), x_t, t, x_prev,
+                      t_prev, metric=metric, c=c, weighting=weighting)
 
 
 def vsd_losses(net, teacher, fake, x0, labels, s, *, wvsd=None, wfake=None, P_vsd, P_fake):
@@ -132,7 +160,8 @@ def main():
                    "P_std)")
     p.add_argument('--student', help='start the student from this sCD checkpoint\'s EMA instead of the teacher\'s '
                    '(sCD + aVSD continues an sCD student)')
-    args = train_args.parse_args(p, PRESETS)
+    train_args.add_recipe_args(p, RECIPES)
+    args = train_args.parse_args(p, PRESETS, RECIPES)
     if args.vsd and (args.discrete or args.two_pass):
         raise cli.UserError('--vsd adds to sCD in continuous time, one pass: drop --discrete and --two-pass')
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
@@ -166,6 +195,8 @@ def main():
     teacher = ck.load_teacher(args.teacher, model_kwargs).to(device)
     ck.start_from(net, ck.load_teacher(args.student, model_kwargs, 'scd') if args.student else teacher)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    # A recipe's target theta-: an EMA of theta (CM 2023), or theta itself when mu0 = 0.
+    target = copy.deepcopy(net).requires_grad_(False) if args.recipe != 'scm' and args.mu0 > 0 else None
     # sCD + aVSD (App. C): F_phi starts as the teacher's EMA (UNCONFIRMED; as rCM), unguided, no EMA, its own
     # optimizer at the student's lr; w_psi(t) weighs the VSD loss, w(t) F_phi's diffusion loss.
     vsd = {}
@@ -177,10 +208,11 @@ def main():
     opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()) +
                        (list(vsd['wvsd'].parameters()) if vsd else []))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
+    extra = dict(vsd, **({'target': target} if target is not None else {}))   # further state a checkpoint keeps
     step, saved_step, window = 0, None, ck.new_window()
     if args.resume:
         step, window = ck.resume(ckpt_path, 'scd', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path,
-                                 extra=vsd)
+                                 extra=extra)
         saved_step = step
     # Any torchrun run. DDP wraps tf.JVP(net), whose forward runs the JVP: DDP cannot run inside one (trigflow.JVP).
     ddp_net, ddp_wnet = (DDP(tf.JVP(net)), DDP(wnet)) if dist.is_initialized() else (tf.JVP(net), wnet)
@@ -208,6 +240,9 @@ def main():
             vsd['fake_opt'].zero_grad(set_to_none=True)
             for group in vsd['fake_opt'].param_groups:                      # F_phi: the student's lr (Table 5)
                 group['lr'] = lr
+        if args.recipe != 'scm':                                            # the recipe's grid at this step
+            N, mu = tu.grid_at(args, step)
+            ts = tf.cm_grid(N)
 
         # Micro-batches: gradients accumulate, DDP syncs them on the last one only.
         terms = {}
@@ -216,10 +251,17 @@ def main():
             x0, labels = (v.to(device) for v in next(stream))
             with tu.no_sync([ddp_net, ddp_wnet, *ddp_vsd.values()], micro < accum - 1):  # all-reduce in the last only
                 with tu.autocast(device, args.precision):                    # forward and loss; backward outside
-                    loss, micro_terms = scd_loss(ddp_net, teacher, x0, labels, wnet=ddp_wnet, two_pass=args.two_pass,
-                                                 P_mean=args.P_mean, P_std=args.P_std, r=tf.tangent_warmup(
-                                                     step, args.warmup_steps), s_max=args.s_max, c=args.tangent_c,
-                                                 tangent_norm=args.tangent_norm, grid=grid)
+                    if args.recipe != 'scm':                                 # CD 2023
+                        loss, micro_terms = cd_loss(ddp_net, target or net, teacher, x0, labels, ts,
+                                                    intervals=args.intervals, P_mean=args.P_mean, P_std=args.P_std,
+                                                    metric=args.metric, c=args.huber_c, weighting=args.weighting,
+                                                    s_max=args.s_max)
+                        micro_terms['N'] = torch.tensor(float(N))
+                    else:
+                        loss, micro_terms = scd_loss(ddp_net, teacher, x0, labels, wnet=ddp_wnet,
+                                                     two_pass=args.two_pass, P_mean=args.P_mean, P_std=args.P_std,
+                                                     r=tf.tangent_warmup(step, args.warmup_steps), s_max=args.s_max,
+                                                     c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid)
                     if vsd:                                                  # + lambda_VSD L_VSD; F_phi's own loss
                         s = 1 + (args.s_max - 1) * torch.rand(len(labels), device=device) if args.s_max > 1 else None
                         loss_vsd, loss_fake, vsd_terms = vsd_losses(
@@ -261,6 +303,8 @@ def main():
                 if vsd:
                     model.project_weights_(vsd['fake'])
             tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
+            if target is not None:
+                tu.update_ema(target, net, mu)                               # theta- <- mu theta- + (1 - mu) theta
             ck.window_add(window, terms)
 
         # Log, sample grid, checkpoint (the grid first: a kill between them redoes both on resume).
@@ -275,7 +319,7 @@ def main():
                                                     '2step': tf.sample_consistency(F[1], grid_z, (tf.T_MAX, tf.T_MID))})
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             state = ck.run_state_all_ranks(step, 'scd', args, model_kwargs, dataset, net, ema, wnet, opt, scaler,
-                                           window, device, world, extra=vsd)
+                                           window, device, world, extra=extra)
             if rank == 0:
                 ck.save(ckpt_path, state)
             saved_step = step

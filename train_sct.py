@@ -5,7 +5,8 @@
 
 No teacher is evaluated: dx_t/dt = cos(t) z - sin(t) x0 is the one-sample estimate of the PF-ODE velocity from the
 same (x0, z) that made x_t. The paper starts sCT from the teacher's EMA on every dataset (App. G.2), so this script
-needs the teacher checkpoint too. --discrete N trains the discrete-time variant on an N-step grid.
+needs the teacher checkpoint too. --discrete N trains the discrete-time variant on an N-step grid (App. E);
+--recipe ict and --recipe ct2023 train the discrete-time consistency models sCM compares against, as published.
 `--preset X --help` lists every flag with X's value.
 """
 import argparse
@@ -53,6 +54,19 @@ PRESETS = {
     'fashion':   dict(FASHION, model='fashion', steps=2_000),
     'fashion-s': dict(FASHION, model='fashion-s', steps=600),
 }
+# --recipe: the discrete-time consistency training sCM compares against, as published (trigflow.py's discrete-time
+# section); a recipe sets only the loss, the rest is the preset's. Every value has its flag.
+RECIPES = {
+    'scm': dict(recipe='scm'),                                     # sCT, Alg. 1
+    # iCT (Song & Dhariwal 2024): stopgrad theta (§3.2), pseudo-Huber (§3.3), lambda = 1 / (sigma_{i+1} - sigma_i)
+    # (§3.1), N(k) doubling from 10 to 1280 over the run (§3.4, Eq. 7), discretized log-normal P (-1.1, 2.0) (§3.5)
+    'ict': dict(recipe='ict', grid='ict', s0=10, s1=1280, mu0=0.0, metric='pseudo-huber', weighting='inv-dsigma',
+                intervals='lognormal', P_mean=-1.1, P_std=2.0),
+    # CT of Consistency Models (Song et al. 2023, Table 3, CIFAR-10): N(k) from 2 to 150, target EMA mu0 = 0.9,
+    # uniform intervals, lambda = 1; L2 where the paper's best used LPIPS (not here: it needs downloaded weights)
+    'ct2023': dict(recipe='ct2023', grid='cm2023', s0=2, s1=150, mu0=0.9, metric='l2', weighting='one',
+                   intervals='uniform'),
+}
 
 
 def sct_loss(net, x0, labels, *, wnet=None, P_mean, P_std, r, c=0.1, tangent_norm='rms', grid=None,
@@ -74,13 +88,27 @@ def sct_loss(net, x0, labels, *, wnet=None, P_mean, P_std, r, c=0.1, tangent_nor
                        jvp=lambda u, t, tangents: net(u, t, labels, tangents=tangents))
 
 
+def ct_loss(net, target, x0, labels, ts, *, intervals, P_mean, P_std, metric, c, weighting):
+    """CT's loss for one batch (CM 2023 Alg. 3, and iCT): an interval (t', t) of the grid ts, x_t and x_t' from the
+    same (x0, z), then trigflow.cm_loss. net: the student with gradient (DDP-wrapped); target: theta-'s network (net
+    itself, unwrapped, for iCT's stopgrad theta)."""
+    B = x0.shape[0]
+    t, t_prev = tf.sample_interval(B, ts, *((P_mean, P_std) if intervals == 'lognormal' else ()), device=x0.device)
+    z = torch.randn_like(x0) * tf.SIGMA_D                                            # z ~ N(0, sigma_d^2 I)
+    x_t, _ = tf.forward_process(x0, t, z)
+    x_prev, _ = tf.forward_process(x0, t_prev, z)                                    # the same z: CT's x_t'
+    return tf.cm_loss(lambda u, t: net(u, t, labels), lambda u, t: target(u, t, labels), x_t, t, x_prev, t_prev,
+                      metric=metric, c=c, weighting=weighting)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', '--size', dest='preset', choices=sorted(PRESETS), required=True,
                    help='experiment preset: model, data and hyperparameters from the paper\'s tables')
     train_args.add_common_args(p)
     train_args.add_cm_args(p)
-    args = train_args.parse_args(p, PRESETS)
+    train_args.add_recipe_args(p, RECIPES)
+    args = train_args.parse_args(p, PRESETS, RECIPES)
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process.
@@ -111,11 +139,15 @@ def main():
     ck.start_from(net, teacher)
     del teacher
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    # A recipe's target theta-: an EMA of theta (CM 2023), or theta itself when mu0 = 0 (iCT's stopgrad theta).
+    target = copy.deepcopy(net).requires_grad_(False) if args.recipe != 'scm' and args.mu0 > 0 else None
+    extra = {'target': target} if target is not None else {}
     opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
     step, saved_step, window = 0, None, ck.new_window()
     if args.resume:
-        step, window = ck.resume(ckpt_path, 'sct', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path)
+        step, window = ck.resume(ckpt_path, 'sct', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path,
+                                 extra=extra)
         saved_step = step
     # Any torchrun run. DDP wraps tf.JVP(net), whose forward runs the JVP: DDP cannot run inside one (trigflow.JVP).
     ddp_net, ddp_wnet = (DDP(tf.JVP(net)), DDP(wnet)) if dist.is_initialized() else (tf.JVP(net), wnet)
@@ -138,6 +170,9 @@ def main():
         for group in opt.param_groups:
             group['lr'] = lr
         opt.zero_grad(set_to_none=True)
+        if args.recipe != 'scm':                                            # the recipe's grid at this step
+            N, mu = tu.grid_at(args, step)
+            ts = tf.cm_grid(N)
 
         # Micro-batches: gradients accumulate, DDP syncs them on the last one only.
         terms = {}
@@ -146,10 +181,16 @@ def main():
             x0, labels = (v.to(device) for v in next(stream))
             with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1):      # all-reduce in the last backward only
                 with tu.autocast(device, args.precision):                    # forward and loss; backward outside
-                    loss, micro_terms = sct_loss(ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean,
-                                                 P_std=args.P_std, r=tf.tangent_warmup(step, args.warmup_steps),
-                                                 c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid,
-                                                 two_pass=args.two_pass)
+                    if args.recipe == 'scm':
+                        loss, micro_terms = sct_loss(ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean,
+                                                     P_std=args.P_std, r=tf.tangent_warmup(step, args.warmup_steps),
+                                                     c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid,
+                                                     two_pass=args.two_pass)
+                    else:                                                    # CT 2023 / iCT
+                        loss, micro_terms = ct_loss(ddp_net, target or net, x0, labels, ts, intervals=args.intervals,
+                                                    P_mean=args.P_mean, P_std=args.P_std, metric=args.metric,
+                                                    c=args.huber_c, weighting=args.weighting)
+                        micro_terms['N'] = torch.tensor(float(N))
                 scaler.scale(loss / accum).backward()
             for k, v in micro_terms.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
@@ -176,6 +217,8 @@ def main():
             if model_kwargs['arch'] == 'unet':
                 model.project_weights_(net)
             tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
+            if target is not None:
+                tu.update_ema(target, net, mu)                               # theta- <- mu theta- + (1 - mu) theta
             ck.window_add(window, terms)
 
         # Log, sample grid, checkpoint (the grid first: a kill between them redoes both on resume).
@@ -189,7 +232,7 @@ def main():
                                                     '2step': tf.sample_consistency(F, grid_z, (tf.T_MAX, tf.T_MID))})
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             state = ck.run_state_all_ranks(step, 'sct', args, model_kwargs, dataset, net, ema, wnet, opt, scaler,
-                                           window, device, world)
+                                           window, device, world, extra=extra)
             if rank == 0:
                 ck.save(ckpt_path, state)
             saved_step = step

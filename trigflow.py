@@ -344,8 +344,9 @@ def dscd_tangent(F, x_t, t, dxdt, dt, r=1.0, sigma_d=SIGMA_D, F_minus=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The discrete-time family sCM compares against (issue 23, in progress): Consistency Models (CM 2023, Song et al.)
-# and iCT (Song & Dhariwal 2024). Their metric and their grid schedules; the losses are not wired in yet.
+# The discrete-time family sCM compares against: Consistency Models (CM 2023, Song et al.: CD and CT) and iCT (Song &
+# Dhariwal 2024). Written in TrigFlow time: f = cos(t) x_t - sin(t) sigma_d F, whose boundary f(x, 0) = x is exact at
+# t = 0, where CM's parameterization puts it at sigma = eps = 0.002; EDM's sigma is sigma_d tan(t) (App. B.2).
 
 
 def pseudo_huber(x, y, c=None):
@@ -359,7 +360,7 @@ def pseudo_huber(x, y, c=None):
 def ict_num_steps(k, K, s0=10, s1=1280):
     """iCT's discretization curriculum (§3.4, Eq. 7): N(k) = min(s0 2^floor(k / K'), s1) + 1 grid points at training
     step k of K, K' = floor(K / (log2(s1 / s0) + 1)): N doubles every K' steps from s0 + 1 to s1 + 1."""
-    K_prime = math.floor(K / (math.log2(s1 // s0) + 1))
+    K_prime = max(1, math.floor(K / (math.log2(s1 // s0) + 1)))                  # >= 1 for runs of < 8 steps
     return min(s0 * 2 ** (k // K_prime), s1) + 1
 
 
@@ -377,6 +378,69 @@ def ict_interval_probs(sigmas, P_mean=-1.1, P_std=2.0):
     cdf = torch.erf((torch.as_tensor(sigmas, dtype=torch.float64).log() - P_mean) / (math.sqrt(2) * P_std))
     p = cdf[1:] - cdf[:-1]
     return p / p.sum()
+
+
+def cm_grid(N, sigma_d=SIGMA_D, rho=7.0):
+    """CM 2023's grid of N times (§5 and App. C: Karras et al.'s sigma_i, rho = 7, from eps = 0.002 to T = 80) in
+    TrigFlow time, its first point moved to t = 0 as dsCD's (discrete_times(N - 1)). Returns [N] ascending."""
+    return discrete_times(N - 1, sigma_d, rho)
+
+
+def sample_interval(n, ts, P_mean=None, P_std=None, sigma_d=SIGMA_D, device=None, generator=None):
+    """An interval (t_i, t_{i+1}) of the grid ts for each of n samples: uniform over the N - 1 (CM 2023, Alg. 2-3),
+    or with P_mean and P_std iCT's discretized log-normal (ict_interval_probs). Returns (t, t_prev) = (t_{i+1}, t_i)."""
+    if P_std is None:
+        p = torch.ones(len(ts) - 1, dtype=torch.float64)
+    else:
+        p = ict_interval_probs(sigma_d * ts.double().tan(), P_mean, P_std)
+    i = torch.multinomial(p.float(), n, replacement=True, generator=generator)
+    return ts[i + 1].to(device), ts[i].to(device)
+
+
+@torch.no_grad()
+def heun_step(F, x_t, t, t_prev, sigma_d=SIGMA_D):
+    """One step of the PF-ODE of F from t to t_prev < t ([B] each) by EDM's Heun (Karras et al. 2022, Alg. 1 lines
+    5-8, in x_sigma = x_t / cos t; Euler where t_prev = 0): CD's x_{t_n} from x_{t_{n+1}} (CM 2023 Alg. 2; Heun, as its
+    Table 3). Returns x_{t_prev}."""
+    t, t_prev, x_t = _wide(t), _wide(t_prev), _wide(x_t)
+    sigma, sigma_p = _bc(sigma_d * t.tan(), x_t), _bc(sigma_d * t_prev.tan(), x_t)
+    x = x_t / _bc(t.cos(), x_t)
+    d = (x - consistency_fn(F, x_t, t, sigma_d)) / sigma                     # dx/dsigma = (x - D(x, sigma)) / sigma
+    x_p = x + (sigma_p - sigma) * d                                          # Euler
+    D_p = consistency_fn(F, _bc(t_prev.cos(), x_t) * x_p, t_prev, sigma_d)
+    d_p = (x_p - D_p) / sigma_p.clamp_min(1e-30)
+    x_p = torch.where(sigma_p > 0, x + (sigma_p - sigma) * 0.5 * (d + d_p), x_p)   # Heun's correction
+    return _bc(t_prev.cos(), x_t) * x_p
+
+
+def cm_loss(F, F_target, x_t, t, x_prev, t_prev, *, metric='l2', c=None, weighting='one', sigma_d=SIGMA_D):
+    """The discrete consistency loss of a batch (CM 2023 Eq. 7 for CD and Eq. 10 for CT; iCT §3), averaged:
+
+        lambda(t) d(f_theta(x_t, t), f_theta-(x_t', t'))
+
+    F        the network with gradient; F_target the target's (theta-: an EMA of theta, or theta itself: iCT's
+             stopgrad theta, §3.2), evaluated without gradient and with the dropout mask F then draws (§3.1)
+    x_prev   x_t' at the earlier grid time t': from the same z (CT) or one teacher ODE step from x_t (CD, heun_step)
+    metric   'l2': ||.||^2 / d, the mean over elements (CM 2023's L2); 'pseudo-huber': iCT's (pseudo_huber, c)
+    weighting 'one' (CM 2023) or 'inv-dsigma': lambda = 1 / (sigma - sigma'), sigma = sigma_d tan t (iCT §3.1)
+    Returns (loss, terms): detached batch means -- loss, d (the metric) and dt (t - t')."""
+    with _same_rng(x_t.device), torch.no_grad():                              # F then draws the same dropout mask
+        f_target = consistency_fn(F_target, x_prev, t_prev, sigma_d)
+    f = consistency_fn(F, x_t, t, sigma_d)
+    if metric == 'l2':
+        d = (f - f_target).square().flatten(1).mean(1)
+    elif metric == 'pseudo-huber':
+        d = pseudo_huber(f, f_target, c)
+    else:
+        raise ValueError(f"metric must be 'l2' or 'pseudo-huber', not {metric!r}")
+    if weighting == 'inv-dsigma':
+        lam = 1 / (sigma_d * (_wide(t).tan() - _wide(t_prev).tan()))
+    elif weighting == 'one':
+        lam = torch.ones_like(d)
+    else:
+        raise ValueError(f"weighting must be 'one' or 'inv-dsigma', not {weighting!r}")
+    loss = lam * d
+    return loss.mean(), dict(loss=loss.detach().mean(), d=d.detach().mean(), dt=(_wide(t) - _wide(t_prev)).mean())
 
 
 # ---------------------------------------------------------------------------------------------------------------
