@@ -9,6 +9,7 @@ Image i always gets the noise of seed (--seed, i), so a sharded run writes the s
 The functions here (loading a network, the noise, the samplers' flags) are also those of fid.py and edit.py.
 """
 import argparse
+import math
 import os
 
 import numpy as np
@@ -49,6 +50,10 @@ def check_args(args, ckpt):
     """Fill --heun-steps and --cfg from the run's preset (checkpoint.sampling_defaults), then one line for every
     sampler setting that would give wrong images without failing."""
     defaults = ckpt.get('sampling', {})
+    if args.sigmas:                                                # EDM sigmas -> TrigFlow times (App. B.2)
+        if args.ts or any(s <= 0 for s in args.sigmas):
+            raise cli.UserError('--sigmas: positive noise levels, and not with --ts')
+        args.ts = [math.atan(s / tf.SIGMA_D) for s in args.sigmas]
     if args.heun_steps is None:
         args.heun_steps = defaults.get('heun_steps', 18)
     if args.cfg is None:
@@ -70,7 +75,8 @@ def check_args(args, ckpt):
             raise cli.UserError(f'--heun-steps {args.heun_steps}: Heun needs at least 2 steps (18 = 35 NFE)')
     elif args.ts and not (all(0 < t <= tf.T_MAX for t in args.ts) and
                           all(a > b for a, b in zip(args.ts, args.ts[1:]))):
-        raise cli.UserError(f'--ts {" ".join(map(str, args.ts))}: times must descend, within (0, {tf.T_MAX:.4f}]')
+        raise cli.UserError(f'--ts {" ".join(map(str, args.ts))}: times must descend, within (0, {tf.T_MAX:.4f}]'
+                            + (' (sigma within (0, 80])' if args.sigmas else ''))
 
 
 def data_info(ckpt):
@@ -109,6 +115,9 @@ def add_sampler_args(p, batch=True):
     p.add_argument('--raw', action='store_true', help='the raw weights instead of the EMA')
     p.add_argument('--steps', type=int, default=1, choices=[1, 2], help='consistency steps: 1, or 2 through t = 1.1')
     p.add_argument('--ts', type=float, nargs='+', help='any list of descending TrigFlow times (overrides --steps)')
+    p.add_argument('--sigmas', type=float, nargs='+', help='the same as EDM noise levels, t = arctan(sigma / sigma_d), '
+                   'as CM 2023 gives its multistep times: e.g. 80 1.3824 (its 2-step CD on ImageNet 64: index 22 of '
+                   'its 40-step Karras grid) or 80 1.9128 (CT: 106 of 201)')
     p.add_argument('--sampler', choices=['consistency', 'heun'],
                    help='consistency (sCD/sCT; default) or heun: the ODE sampler (a teacher\'s only one)')
     p.add_argument('--heun-steps', type=int, help="Heun steps, 2N - 1 NFE (default: the run's preset: 32 on ImageNet, "

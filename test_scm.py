@@ -1624,6 +1624,12 @@ def test_sampling_refuses_what_would_give_wrong_images(tiny_teacher, image_folde
     fails(sct, '--ts', 3.0, '--grid', png, match='must descend')
     fails(sct, '--ts', 0.5, 1.1, '--grid', png, match='must descend')
     fails(sct, '--sampler', 'heun', '--heun-steps', 1, '--grid', png, match='at least 2 steps')
+    fails(sct, '--sigmas', 1.0, 5.0, '--grid', png, match='(sigma within (0, 80])')
+    fails(sct, '--sigmas', 80, 0, '--grid', png, match='positive noise levels')
+    for times, out in [(['--sigmas', 80, 1.3824], 'sig.png'), (['--ts', tf.T_MAX, math.atan(1.3824 / SD)], 'ts.png')]:
+        monkeypatch.setattr(sys, 'argv', ['sample.py', *map(str, [sct, *times, '-n', 4, '--grid', tmp_path / out])])
+        sample.main()                                 # CM 2023's times as sigmas == the same TrigFlow times
+    assert open(tmp_path / 'sig.png', 'rb').read() == open(tmp_path / 'ts.png', 'rb').read()
     fails(sct, '--grid', tmp_path, match='is a folder')
     fails(sct, '--label', 3, '--grid', png, match='no classes')
     fails(tiny_teacher, '--steps', 2, '--grid', png, match='a teacher samples with EDM Heun')
