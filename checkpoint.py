@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import cli
+import edm_pickle
 import model
 from cli import UserError
 from train_args import run_config
@@ -146,7 +147,12 @@ def load_teacher(path, kwargs, method='teacher'):
     or with method='scd' of an sCD student (sCD + aVSD continues one)."""
     if not path:
         raise UserError('this method starts from a TrigFlow teacher: pass --teacher runs/teacher-<preset>/checkpoint.pt')
-    ckpt = load(path)
+    if method == 'teacher' and str(path).endswith('.pkl'):             # EDM's own pickle, read as data only
+        data = edm_pickle.load(path)
+        kw, state = edm_pickle.convert(data.get('ema') if isinstance(data, dict) else data, path)
+        ckpt = dict(method='teacher', model_kwargs=kw, ema=state)
+    else:
+        ckpt = load(path)
     if ckpt.get('method') != method:
         raise UserError(f'{path} is a {ckpt.get("method")!r} checkpoint, not ' + (
             'a TrigFlow teacher (train_teacher.py)' if method == 'teacher' else f'a {method} checkpoint'))

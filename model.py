@@ -561,15 +561,17 @@ def _gn(channels):
 
 class DDPMppBlock(nn.Module):
     """EDM's `UNetBlock` as DDPM++ configures it (one attention head, skip scale sqrt(1/2), 1x1 projection on
-    resampled skips), with ADN as its modulation."""
+    resampled skips), with ADN as its modulation, or EDM's own additive one (additive=True: its checkpoints)."""
 
-    def __init__(self, in_channels, out_channels, emb_channels, resample_mode='keep', attention=False, dropout=0.0):
+    def __init__(self, in_channels, out_channels, emb_channels, resample_mode='keep', attention=False, dropout=0.0,
+                 additive=False):
         super().__init__()
         self.out_channels, self.resample_mode, self.attention, self.dropout = (out_channels, resample_mode,
                                                                               attention, dropout)
+        self.additive = additive
         self.norm0 = _gn(in_channels)
         self.conv0 = _init(Conv2d(in_channels, out_channels, 3, padding=1))
-        self.affine = _init(Linear(emb_channels, 2 * out_channels))          # ADN: scale and shift
+        self.affine = _init(Linear(emb_channels, (1 if additive else 2) * out_channels))   # EDM: a shift; ADN: both
         self.norm1 = _gn(out_channels)
         self.conv1 = _init(Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
         self.skip = None
@@ -583,10 +585,13 @@ class DDPMppBlock(nn.Module):
     def forward(self, x, emb):
         orig = x
         x = self.conv0(resample(silu(group_norm(x, self.norm0)), self.resample_mode))
-        with torch.autocast(x.device.type, enabled=False):                     # the modulation in fp32 (EDM2)
-            scale, shift = self.affine(emb).chunk(2, dim=1)
-            scale, shift = pnorm(1 + scale)[:, :, None, None], pnorm(shift)[:, :, None, None]
-        x = silu(mul(group_norm(x, self.norm1), scale.to(x.dtype)) + shift.to(x.dtype))   # ADN (§4.1)
+        if self.additive:                                                       # EDM: silu(GN(x + W emb))
+            x = silu(group_norm(x + self.affine(emb)[:, :, None, None].to(x.dtype), self.norm1))
+        else:
+            with torch.autocast(x.device.type, enabled=False):                 # the modulation in fp32 (EDM2)
+                scale, shift = self.affine(emb).chunk(2, dim=1)
+                scale, shift = pnorm(1 + scale)[:, :, None, None], pnorm(shift)[:, :, None, None]
+            x = silu(mul(group_norm(x, self.norm1), scale.to(x.dtype)) + shift.to(x.dtype))   # ADN (§4.1)
         x = self.conv1(dropout(x, self.dropout, self.training))
         skip = orig if self.skip is None else self.skip(resample(orig, self.resample_mode))
         x = mul_scalar(x + skip, math.sqrt(0.5))
@@ -601,11 +606,15 @@ class DDPMppBlock(nn.Module):
 class DDPMpp(nn.Module):
     """DDPM++ as EDM's SongUNet CIFAR-10 configuration (`--arch=ddpmpp`: 128 x [2, 2, 2] channels, 4 blocks per
     resolution, attention at 16x16, embedding 4 x 128) returning F(u, t, labels). sCM's CIFAR-10 teacher and students
-    (App. G.1). EDM's count without the augmentation input is 55,732,739 parameters; ADN's shift maps make ~60.1M."""
+    (App. G.1). EDM's count without the augmentation input is 55,732,739 parameters; ADN's shift maps make ~60.1M.
+    edm=True: EDM's own network, as its released checkpoints hold it (edm_pickle.py): additive conditioning, the
+    embedding of c_noise = ln(sigma)/4 (sigma = sigma_d tan t) with sine and cosine swapped as SongUNet does, and
+    F = -F_edm, the TrigFlow network of EDM's preconditioning (App. B.2; trigflow.F_from_edm_network)."""
 
     def __init__(self, img_resolution=32, img_channels=3, label_dim=0, model_channels=128, channel_mult=(2, 2, 2),
-                 channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.0, cfg_embed=False):
+                 channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.0, cfg_embed=False, edm=False):
         super().__init__()
+        self.edm = edm
         if cfg_embed:
             raise ValueError('DDPM++ has no input for the CFG scale (guided sCD): use the U-Net or the DiT')
         levels = len(channel_mult)
@@ -620,7 +629,7 @@ class DDPMpp(nn.Module):
         self.map1 = _init(Linear(cemb, cemb))
 
         def block(cin, cout, **kw):
-            return DDPMppBlock(cin, cout, cemb, dropout=dropout, **kw)
+            return DDPMppBlock(cin, cout, cemb, dropout=dropout, additive=edm, **kw)
 
         self.enc = nn.ModuleDict()
         cout = model_channels
@@ -652,7 +661,12 @@ class DDPMpp(nn.Module):
     def forward(self, u, t, labels=None, s=None):
         with torch.autocast(u.device.type, enabled=False):                     # the embedding path in fp32 (EDM2)
             t = t.to(_wide(t.dtype))
-            emb = self.emb_time(t)                                              # c_noise(t) = t, §4.1
+            if self.edm:                       # EDM: c_noise = ln(sigma)/4, sigma = sigma_d tan t, sigma_d = 0.5,
+                c = ((0.5 * t.double().tan()).log() / 4).to(_wide(self.map0.weight.dtype))   # in fp64 (t near pi/2)
+                emb = self.emb_time(c)
+                emb = emb.unflatten(1, (2, -1)).flip(1).flatten(1)              # [sin, cos], as SongUNet swaps them
+            else:
+                emb = self.emb_time(t)                                          # c_noise(t) = t, §4.1
             if self.emb_label is not None:
                 labels = torch.full_like(t, -1, dtype=torch.long) if labels is None else labels
                 emb = emb + self.emb_label(one_hot(labels, self.label_dim).to(emb.dtype) * math.sqrt(self.label_dim))
@@ -665,7 +679,8 @@ class DDPMpp(nn.Module):
             if '_block' in name:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = blk(x, emb)
-        return self.out_conv(silu(group_norm(x, self.out_norm)))
+        F = self.out_conv(silu(group_norm(x, self.out_norm)))
+        return -F if self.edm else F                                            # EDM's F_edm -> TrigFlow F
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -826,6 +841,13 @@ UNET_PRESETS = {
 DDPMPP_PRESETS = {  # CIFAR-10, unconditional: the paper's DDPM++ (App. G.1) = EDM's `--arch=ddpmpp`, 60.1M with ADN
     'cifar10': dict(img_resolution=32, img_channels=3, label_dim=0, model_channels=128, channel_mult=(2, 2, 2),
                     num_blocks=4, attn_resolutions=(16,)),
+    # EDM's released DDPM++ as it is (edm_pickle.py): edm-cifar10-32x32-{uncond,cond}-vp.pkl; a tiny one for tests
+    'edm-cifar10': dict(img_resolution=32, img_channels=3, label_dim=0, model_channels=128, channel_mult=(2, 2, 2),
+                        channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), edm=True),
+    'edm-cifar10-cond': dict(img_resolution=32, img_channels=3, label_dim=10, model_channels=128,
+                             channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), edm=True),
+    'edm-tiny': dict(img_resolution=16, img_channels=1, label_dim=0, model_channels=8, channel_mult=(1, 2),
+                     channel_mult_emb=4, num_blocks=1, attn_resolutions=(8,), edm=True),
 }
 
 DIT_PRESETS = {  # DiT Table 1; sCM itself uses the U-Net, the DiT is offered as an alternative backbone.

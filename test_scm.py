@@ -1118,9 +1118,11 @@ def test_heun_converges_to_exact_ode_solution():
 import json  # noqa: E402
 import shutil  # noqa: E402
 import os  # noqa: E402
+import pickle  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--model', 'tiny', '--batch', '8', '--log-every', '2', '--ckpt-every', '3', '--sample-every', '0',
@@ -1667,6 +1669,118 @@ class _RunsCode:
 
     def __reduce__(self):
         return os.mkdir, (self.path,)
+
+
+def _edm_pickle(path, state, edm_kwargs, precond='EDMPrecond', extra=None):
+    """Write `state` ({EDM name: tensor}) as EDM's training loop pickles a network: {'ema': EDMPrecond(model=SongUNet)}
+    of torch_utils.persistence objects (their reconstructor, their class record with the module source and __dict__),
+    enc/dec as stock torch.nn.ModuleDicts. The module source raises if anything ever ran it."""
+    fake = types.ModuleType('torch_utils.persistence')
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError('never called')
+    _reconstruct_persistent_obj.__module__ = 'torch_utils.persistence'
+    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
+    fake._reconstruct_persistent_obj = _reconstruct_persistent_obj
+
+    class Record(torch.nn.Module):                      # a persistent object as EDM's persistence.py reduces one
+        def __init__(self, class_name, **kwargs):
+            super().__init__()
+            self._name, self._init_kwargs = class_name, kwargs
+
+        def __reduce__(self):
+            state = super().__reduce__()[2]
+            return _reconstruct_persistent_obj, (dict(type='class', version=6, class_name=self._name, state=state,
+                                                      module_src='raise SystemExit("the module source ran")'),)
+
+    root = Record(precond, img_resolution=edm_kwargs['img_resolution'], img_channels=edm_kwargs['in_channels'],
+                  label_dim=edm_kwargs.get('label_dim', 0), model_type='SongUNet')
+    root.model = Record('SongUNet', **edm_kwargs)
+    for name, value in state.items():
+        *parts, leaf = name.split('.')
+        m = root.model
+        for p in parts:
+            if not hasattr(m, p):
+                m.add_module(p, torch.nn.ModuleDict() if p in ('enc', 'dec') else Record('UNetBlock'))
+            m = m[p] if isinstance(m, torch.nn.ModuleDict) else getattr(m, p)
+        if leaf == 'resample_filter':
+            m.register_buffer(leaf, value)
+        else:
+            setattr(m, leaf, torch.nn.Parameter(value))
+    pkg = types.ModuleType('torch_utils')
+    pkg.persistence = fake
+    sys.modules.update({'torch_utils': pkg, 'torch_utils.persistence': fake})
+    try:
+        with open(path, 'wb') as f:
+            pickle.dump(dict(ema=root, loss_fn=None, dataset_kwargs=dict(class_name='training.dataset.ImageFolder'),
+                             **(extra or {})), f)
+    finally:
+        del sys.modules['torch_utils'], sys.modules['torch_utils.persistence']
+
+
+def _edm_names(ours, res):
+    """This project's DDPMpp(edm=True) state under EDM's SongUNet names (the inverse of edm_pickle.convert)."""
+    names = {'emb_label.': 'map_label.', 'map0.': 'map_layer0.', 'map1.': 'map_layer1.',
+             'out_norm.': f'dec.{res}x{res}_aux_norm.', 'out_conv.': f'dec.{res}x{res}_aux_conv.'}
+    out = {}
+    for k, v in ours.items():
+        if k == 'emb_time.freqs':
+            continue
+        for a, b in names.items():
+            k = b + k[len(a):] if k.startswith(a) else k
+        out[k] = v
+    return out
+
+
+def test_edm_pickles_load_as_data_and_anything_else_is_refused(image_folder, tmp_path):
+    """An EDM network pickle (persistence objects, written here as EDM's code writes them) is read without running its
+    module source or importing torch_utils, and converts to model.DDPMpp(edm=True) with every tensor equal; EDM's
+    extra tensors (the fixed resampling filter, the augmentation map) are dropped. A pickle naming any other global
+    gets one error line and its code never runs; an ADM or NCSN++ network is named and refused. Then sCD trains from
+    the pickle as --teacher and samples (the smoke run)."""
+    import edm_pickle
+    torch.manual_seed(0)
+    kw = dict(model.DDPMPP_PRESETS['edm-tiny'], arch='ddpmpp')
+    ours = randomize_(model.build(kw)).state_dict()
+    edm = _edm_names(ours, 16)
+    edm['enc.8x8_down.conv0.resample_filter'] = torch.full((1, 1, 2, 2), 0.25)
+    edm['map_augment.weight'] = torch.randn(32, 9)
+    song = dict(img_resolution=16, in_channels=1, out_channels=1, augment_dim=9, model_channels=8, channel_mult=[1, 2],
+                num_blocks=1, attn_resolutions=[8], dropout=0.13, embedding_type='positional', encoder_type='standard',
+                decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1])
+    pkl = tmp_path / 'edm.pkl'
+    _edm_pickle(pkl, edm, song)
+    assert 'torch_utils' not in sys.modules
+    obj = edm_pickle.load(pkl)['ema']
+    assert obj.class_name == 'EDMPrecond' and 'torch_utils' not in sys.modules
+    got_kw, got = edm_pickle.convert(obj, pkl)
+    assert model.architecture(got_kw) == model.architecture(kw) and got_kw['dropout'] == 0.13
+    assert sorted(got) == sorted(ours) and all(torch.equal(got[k], ours[k]) for k in ours)
+    # refused: another global (the code never runs), another network, a torch.save file
+    marker = tmp_path / 'the-code-ran'
+    _edm_pickle(tmp_path / 'evil.pkl', edm, song, extra=dict(x=_RunsCode(str(marker))))
+    with pytest.raises(cli.UserError, match='names posix.mkdir, which an EDM/EDM2 network pickle does not need'):
+        edm_pickle.load(tmp_path / 'evil.pkl')
+    assert not marker.exists()
+    _edm_pickle(tmp_path / 'ncsn.pkl', edm, dict(song, embedding_type='fourier'))
+    with pytest.raises(cli.UserError, match="embedding_type=fourier.*not ADM"):
+        edm_pickle.convert(edm_pickle.load(tmp_path / 'ncsn.pkl')['ema'])
+    _edm_pickle(tmp_path / 'vp.pkl', edm, song, precond='VPPrecond')
+    with pytest.raises(cli.UserError, match='VPPrecond, not EDMPrecond'):
+        edm_pickle.convert(edm_pickle.load(tmp_path / 'vp.pkl')['ema'])
+    torch.save({'a': 1}, tmp_path / 'x.pkl')
+    with pytest.raises(cli.UserError, match='torch.save file'):
+        edm_pickle.load(tmp_path / 'x.pkl')
+    p = run_script('train_scd.py', '--preset', 'cifar10-edm', '--data', image_folder, *TINY, '--model', 'edm-tiny',
+                   '--teacher', tmp_path / 'evil.pkl', '--out', tmp_path / 'run', '--steps', 1, check=False)
+    assert p.returncode == 2 and 'refused' in p.stderr.strip().splitlines()[-1] and not marker.exists()
+    # the smoke run: sCD from the converted teacher (the student is EDM's network, started from it), then samples
+    run_script('train_scd.py', '--preset', 'cifar10-edm', '--data', image_folder, *TINY, '--model', 'edm-tiny',
+               '--teacher', pkl, '--out', tmp_path / 'run', '--steps', 2, '--batch', 4)
+    student = _ckpt(tmp_path / 'run' / 'checkpoint.pt')
+    assert student['model_kwargs']['edm'] and any(not torch.equal(student['net'][k], v) for k, v in ours.items())
+    run_script('sample.py', tmp_path / 'run' / 'checkpoint.pt', '--steps', 2, '-n', 4, '--grid', tmp_path / 's.png')
+    assert Image.open(tmp_path / 's.png').size[0] > 16
 
 
 def test_a_checkpoint_that_carries_code_is_refused_before_it_runs(tiny_teacher, image_folder, tmp_path):

@@ -36,6 +36,11 @@ IN512 = dict(SCD, data=None, steps=200_000, P_mean=-0.8, P_std=1.6, lr_decay_ste
 VSD512 = dict(IN512, steps=20_000, vsd=1.0, warmup_steps=0)
 IN64 = dict(SCD, data=None, steps=400_000, dropout=0.0, P_mean=-1.0, P_std=1.6, lr_decay_steps=35_000, s_max=1.0,
             sample_cfg=(1.0, 1.0))
+# CIFAR-10: sCM App. G: RAdam lr 1e-4 (0.9, 0.99), 1e-8, no schedule, batch 512, P (-1.0, 1.4), dropout 0, EMA
+# half-life 0.5 Mimg, fp32 (UNCONFIRMED); the iteration count is not stated (UNCONFIRMED: 400k)
+CIFAR = dict(SCD, data='cifar10', batch=512, steps=400_000, lr=1e-4, lr_decay_steps=0, optimizer='radam', eps=1e-8,
+             ema_std=0.0, ema_halflife_mimg=0.5, precision='fp32', dropout=0.0, P_mean=-1.0, P_std=1.4, s_max=1.0,
+             sample_cfg=(1.0, 1.0))
 FASHION = dict(SCD, data='fashion-mnist', batch=128, lr=1e-3, lr_decay_steps=0, dropout=0.0, P_mean=-1.0, P_std=1.6,
                eps=1e-8, precision='fp32', warmup_steps=200, s_max=2.0, sample_cfg=(1.0, 1.0))
 PRESETS = {
@@ -58,11 +63,11 @@ PRESETS = {
     'img64-m':  dict(IN64, model='img64-m',  lr=9.0e-5),
     'img64-l':  dict(IN64, model='img64-l',  lr=8.0e-5),
     'img64-xl': dict(IN64, model='img64-xl', lr=7.0e-5),
-    # CIFAR-10: sCM App. G: RAdam lr 1e-4 (0.9, 0.99), 1e-8, no schedule, batch 512, P (-1.0, 1.4), dropout 0,
-    # EMA half-life 0.5 Mimg, fp32 (UNCONFIRMED); the iteration count is not stated (UNCONFIRMED: 400k)
-    'cifar10': dict(SCD, model='cifar10', data='cifar10', batch=512, steps=400_000, lr=1e-4, lr_decay_steps=0,
-                    optimizer='radam', eps=1e-8, ema_std=0.0, ema_halflife_mimg=0.5, precision='fp32', dropout=0.0,
-                    P_mean=-1.0, P_std=1.4, s_max=1.0, sample_cfg=(1.0, 1.0)),
+    # CIFAR-10 (CIFAR above): the paper's DDPM++ with ADN; EDM's released DDPM++ as it is, from its pickle
+    # (edm-cifar10-32x32-{uncond,cond}-vp.pkl as --teacher, read by edm_pickle.py), the student starting from it
+    'cifar10': dict(CIFAR, model='cifar10'),
+    'cifar10-edm': dict(CIFAR, model='edm-cifar10'),
+    'cifar10-edm-cond': dict(CIFAR, model='edm-cifar10-cond'),
     # CPU presets for Fashion-MNIST (not paper configurations): lr 1e-3 and warmup 200 for runs of a few hundred steps
     'fashion':   dict(FASHION, model='fashion', steps=2_000),
     'fashion-s': dict(FASHION, model='fashion-s', steps=600),
