@@ -147,10 +147,13 @@ DDPMPP = dict(embedding_type='positional', channel_mult_noise=1, encoder_type='s
 
 
 def convert(obj, path='the pickle'):
-    """(model_kwargs, state_dict) of model.DDPMpp(edm=True) holding the network of an EDM pickle's EDMPrecond."""
+    """(model_kwargs, state_dict) of this project's network holding an EDM or EDM2 pickle's: EDM's EDMPrecond with
+    DDPM++ -> model.DDPMpp(edm=True); EDM2's Precond -> model.UNet(edm2=True)."""
+    if isinstance(obj, Persistent) and obj.class_name == 'Precond':
+        return convert_edm2(obj, path)
     if not isinstance(obj, Persistent) or obj.class_name != 'EDMPrecond':
-        raise UserError(f'{path}: its network is {getattr(obj, "class_name", type(obj).__name__)}, not EDMPrecond; '
-                        f'this converts EDM\'s EDM-preconditioned DDPM++ (the -vp checkpoints)')
+        raise UserError(f'{path}: its network is {getattr(obj, "class_name", type(obj).__name__)}, not EDMPrecond or '
+                        f'Precond; this converts EDM\'s DDPM++ (the -vp checkpoints) and EDM2\'s U-Nets')
     pre = obj.init_kwargs
     unet = children(obj).get('model')
     kw = dict(SONGUNET_DEFAULTS, **getattr(unet, 'init_kwargs', {}))
@@ -178,4 +181,34 @@ def convert(obj, path='the pickle'):
                 k = new + k[len(old):]
         state[k] = v
     state['emb_time.freqs'] = model.PositionalEmbedding(kw['model_channels'], endpoint=True).freqs   # ours, fixed
+    return model_kwargs, state
+
+
+# EDM2's UNet and Block defaults (EDM2, training/networks_edm2.py); channel_mult_noise/emb None: EDM2's own choice.
+EDM2_DEFAULTS = dict(model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_noise=None, channel_mult_emb=None,
+                     num_blocks=3, attn_resolutions=[16, 8], label_balance=0.5, concat_balance=0.5,
+                     channels_per_head=64, dropout=0, res_balance=0.3, attn_balance=0.3, clip_act=256,
+                     resample_filter=[1, 1])
+
+
+def convert_edm2(obj, path='the pickle'):
+    """(model_kwargs, state_dict) of model.UNet(edm2=True) holding an EDM2 pickle's Precond (its U-Net; the
+    uncertainty head logvar_*, used only by EDM2's loss, is dropped)."""
+    pre = obj.init_kwargs
+    unet = children(obj).get('unet')
+    kw = dict(EDM2_DEFAULTS, **getattr(unet, 'init_kwargs', {}))
+    fixed = dict(channel_mult_noise=None, channel_mult_emb=None, res_balance=0.3, attn_balance=0.3, clip_act=256,
+                 resample_filter=[1, 1])                                   # what model.UNet does not take
+    odd = [f'{k}={kw[k]}' for k, v in fixed.items() if (list(kw[k]) if isinstance(v, list) else kw[k]) != v]
+    if odd or pre.get('sigma_data', 0.5) != 0.5:
+        raise UserError(f'{path}: an EDM2 U-Net with {", ".join(odd) or "sigma_data " + str(pre.get("sigma_data"))}, '
+                        f'which model.UNet does not take')
+    model_kwargs = dict(arch='unet', edm2=True, img_resolution=kw['img_resolution'], img_channels=kw['img_channels'],
+                        label_dim=kw['label_dim'], model_channels=kw['model_channels'],
+                        channel_mult=tuple(kw['channel_mult']), num_blocks=kw['num_blocks'],
+                        attn_resolutions=tuple(kw['attn_resolutions']), channels_per_head=kw['channels_per_head'],
+                        label_balance=kw['label_balance'], concat_balance=kw['concat_balance'],
+                        dropout=float(kw['dropout']), dropout_res=kw['img_resolution'],   # EDM2: in every block
+                        attention_axis='pixels')
+    state = {k: v for k, v in state_dict(unet).items() if not k.endswith('.resample_filter')}
     return model_kwargs, state

@@ -334,6 +334,19 @@ class SiLU(nn.Module):
         return silu(x)
 
 
+class MPFourier(nn.Module):
+    """EDM2's magnitude-preserving Fourier features cos(2 pi (f c + phi)) sqrt(2), f ~ N(0, 1), phi ~ U[0, 1) fixed
+    (EDM2 Eq. 75): its checkpoints' time embedding, which sCM replaces (§4.1) for students. Computed in fp32."""
+
+    def __init__(self, num_channels):
+        super().__init__()
+        self.register_buffer('freqs', 2 * math.pi * torch.randn(num_channels))
+        self.register_buffer('phases', 2 * math.pi * torch.rand(num_channels))
+
+    def forward(self, c):
+        return (c.to(_wide(c.dtype)).reshape(-1, 1) * self.freqs + self.phases).cos() * math.sqrt(2)
+
+
 class MPConv(nn.Module):
     """Magnitude-preserving convolution, or linear layer when kernel=() (EDM2 Eq. 47): the weight is normalized
     per output channel inside forward (functional). `project_()` is EDM2's forced weight normalization
@@ -401,8 +414,11 @@ class Block(nn.Module):
                  dropout=0.0,             # dropout probability in the residual branch
                  res_balance=0.3,         # EDM2 defaults for the magnitude-preserving sums
                  attn_balance=0.3,
-                 clip_act=256):
+                 clip_act=256,
+                 edm2=False,              # EDM2's own modulation y * (1 + gain W emb) (its checkpoints), not ADN
+                 attention_axis='pixels'):  # 'channels': the layout of checkpoints from before 2026-12-04 (UNet)
         super().__init__()
+        self.edm2, self.attention_axis = edm2, attention_axis
         self.out_channels = out_channels
         self.flavor, self.resample_mode = flavor, resample_mode
         self.num_heads = out_channels // channels_per_head if attention else 0
@@ -423,8 +439,12 @@ class Block(nn.Module):
             x = normalize(x, dim=1)                                             # pixel norm
         y = self.conv_res0(mp_silu(x))
         with torch.autocast(x.device.type, enabled=False):                     # the modulation in fp32 (EDM2)
-            scale = pnorm(self.emb_linear(emb, gain=self.emb_gain) + 1)        # ADN: pnorm(s(t)), [B, C]
-        y = mp_silu(mul(normalize(y, dim=1), scale[:, :, None, None].to(y.dtype)))  # ADN: norm(x) * pnorm(s(t))
+            scale = self.emb_linear(emb, gain=self.emb_gain) + 1
+            scale = (scale if self.edm2 else pnorm(scale))[:, :, None, None]   # ADN: pnorm(s(t)), [B, C]
+        if self.edm2:                                                           # EDM2: y * (1 + gain W emb)
+            y = mp_silu(mul(y, scale.to(y.dtype)))
+        else:                                                                   # ADN: norm(x) * pnorm(s(t))
+            y = mp_silu(mul(normalize(y, dim=1), scale.to(y.dtype)))
         y = dropout(y, self.dropout, self.training)
         y = self.conv_res1(y)
         if self.flavor == 'dec' and self.conv_skip is not None:
@@ -432,8 +452,11 @@ class Block(nn.Module):
         x = mp_sum(x, y, t=self.res_balance)
         if self.num_heads:
             B, C, H, W = x.shape
-            y = self.attn_qkv(x).reshape(B, self.num_heads, -1, 3, H * W)      # EDM2's channel layout
-            q, k, v = normalize(y, dim=2).transpose(-1, -2).unbind(-1)          # pixel norm; each [B, heads, HW, c]
+            y = normalize(self.attn_qkv(x).reshape(B, self.num_heads, -1, 3, H * W), dim=2)   # EDM2's layout,
+            if self.attention_axis == 'pixels':                                 # pixel norm; q, k, v [B, heads, HW, c]
+                q, k, v = (a.transpose(-1, -2) for a in y.unbind(3))
+            else:                                                               # the old layout: [B, heads, c, HW]
+                q, k, v = y.transpose(-1, -2).unbind(-1)
             y = attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)
             x = mp_sum(x, self.attn_proj(y), t=self.attn_balance)
         if self.clip_act is not None:
@@ -457,8 +480,11 @@ class UNet(nn.Module):
                  dropout=0.0,               # training setting, Tables 4-5 per size and method
                  dropout_res=16,            # dropout only at resolutions <= 16 (sCM App. G.2, after iCT)
                  cfg_embed=False,           # input for the CFG scale s (guided sCD, ImageNet 512)
-                 label_balance=0.5, concat_balance=0.5):
+                 label_balance=0.5, concat_balance=0.5,
+                 edm2=False,                # EDM2's own network, as its checkpoints hold it (edm_pickle.py)
+                 attention_axis='pixels'):  # 'channels': checkpoints from before 2026-12-04 attended across channels
         super().__init__()
+        self.edm2 = edm2
         levels = len(channel_mult)
         if img_resolution % (1 << (levels - 1)):
             raise ValueError(f'img_resolution {img_resolution} must be divisible by 2^{levels - 1} '
@@ -467,7 +493,10 @@ class UNet(nn.Module):
         self.label_balance, self.concat_balance = label_balance, concat_balance
         cblock = [model_channels * m for m in channel_mult]
         cnoise, cemb = cblock[0], max(cblock)
-        self.emb_time = PositionalEmbedding(cnoise, unit_rms=True)              # c_noise(t) = t, §4.1
+        if edm2:                            # EDM2: random Fourier features of c_noise = ln(sigma)/4 (MPFourier)
+            self.emb_fourier = MPFourier(cnoise)
+        else:
+            self.emb_time = PositionalEmbedding(cnoise, unit_rms=True)          # c_noise(t) = t, §4.1
         self.emb_noise = MPConv(cnoise, cemb)
         self.emb_label = MPConv(label_dim, cemb) if label_dim else None
         self.emb_cfg_pos = PositionalEmbedding(cnoise, unit_rms=True) if cfg_embed else None
@@ -477,7 +506,8 @@ class UNet(nn.Module):
 
         def block(cin, cout, res, **kw):
             return Block(cin, cout, cemb, channels_per_head=channels_per_head,
-                         dropout=dropout if res <= dropout_res else 0.0, **kw)
+                         dropout=dropout if res <= dropout_res else 0.0, edm2=edm2,
+                         attention_axis=attention_axis, **kw)
 
         self.enc = nn.ModuleDict()
         cout = img_channels + 1
@@ -510,7 +540,11 @@ class UNet(nn.Module):
     def forward(self, u, t, labels=None, s=None):
         with torch.autocast(u.device.type, enabled=False):                     # the embedding path in fp32 (EDM2)
             t = t.to(_wide(t.dtype))
-            emb = self.emb_noise(self.emb_time(t))                             # c_noise(t) = t, §4.1
+            if self.edm2:                      # EDM2: c_noise = ln(sigma)/4, sigma = sigma_d tan t, sigma_d = 0.5
+                c = ((0.5 * t.double().tan()).log() / 4).to(_wide(self.emb_noise.weight.dtype))   # in fp64
+                emb = self.emb_noise(self.emb_fourier(c))
+            else:
+                emb = self.emb_noise(self.emb_time(t))                         # c_noise(t) = t, §4.1
             if self.emb_label is not None:
                 labels = torch.full_like(t, -1, dtype=torch.long) if labels is None else labels
                 y = one_hot(labels, self.label_dim).to(emb.dtype) * math.sqrt(self.label_dim)
@@ -528,7 +562,8 @@ class UNet(nn.Module):
             if '_block' in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
             x = blk(x, emb)
-        return self.out_conv(x, gain=self.out_gain)
+        F = self.out_conv(x, gain=self.out_gain)
+        return -F if self.edm2 else F                                           # EDM2's F_edm -> TrigFlow F
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -869,10 +904,19 @@ def project_weights_(net):
 def build(kwargs):
     """A network from the keyword arguments a checkpoint stores ('arch': 'unet', 'ddpmpp' or 'dit', then the
     constructor's)."""
-    kw = dict(kwargs)
-    return dict(unet=UNet, ddpmpp=DDPMpp, dit=DiT)[kw.pop('arch')](**kw)
+    return dict(unet=UNet, ddpmpp=DDPMpp, dit=DiT)[kwargs['arch']](**_with_defaults(kwargs))
+
+
+def _with_defaults(kwargs):
+    """A checkpoint's U-Net from before 2026-12-04 (no 'attention_axis') attended across channels instead of pixels
+    (a bug, fixed then): it keeps that layout, so that it samples as it was trained."""
+    kw = {k: v for k, v in kwargs.items() if k != 'arch'}
+    if kwargs['arch'] == 'unet':
+        kw.setdefault('attention_axis', 'channels')
+    return kw
 
 
 def architecture(kwargs):
     """The keyword arguments that decide the weights' shapes (not dropout, not the CFG input)."""
-    return {k: v for k, v in kwargs.items() if k not in ('dropout', 'dropout_res', 'cfg_embed')}
+    return {k: v for k, v in dict(_with_defaults(kwargs), arch=kwargs['arch']).items()
+            if k not in ('dropout', 'dropout_res', 'cfg_embed')}

@@ -732,6 +732,36 @@ def test_dit_param_count_matches_dit_paper():
     assert abs(n / 675 - 1) < 0.01, n                                            # DiT-XL/2: 675M (DiT Table 4)
 
 
+def test_unet_attention_is_edm2s_over_pixels(tmp_path):
+    """The U-Net block's self-attention against EDM2's Block written out here (networks_edm2.py: qkv reshaped to
+    [B, heads, c, 3, HW], pixel norm over c, softmax over pixels, proj, mp_sum with 0.3). A checkpoint from before
+    2026-12-04 (no attention_axis) keeps the layout it was trained with, across channels, which is not EDM2's."""
+    torch.manual_seed(0)
+    blk = randomize_(model.Block(32, 32, 16, attention=True, channels_per_head=16)).double()
+    x, emb = torch.randn(2, 32, 5, 5, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    with torch.no_grad():
+        blk.num_heads = 0
+        before = blk(x, emb)                                      # the block without its attention
+        blk.num_heads = 2
+        y = blk.attn_qkv(before).reshape(2, 2, -1, 3, 25)
+        y = y / (y.norm(dim=2, keepdim=True) / math.sqrt(16) + 1e-4)        # EDM2's normalize(dim=2)
+        q, k, v = y.unbind(3)                                                # [B, heads, c, HW]
+        w = torch.einsum('nhcq,nhck->nhqk', q, k / math.sqrt(16)).softmax(dim=3)
+        a = blk.attn_proj(torch.einsum('nhqk,nhck->nhcq', w, v).reshape(2, 32, 5, 5))
+        want = (before.lerp(a, 0.3) / math.sqrt(0.7 ** 2 + 0.3 ** 2))
+        assert torch.allclose(blk(x, emb), want, rtol=1e-10, atol=1e-12)
+        blk.attention_axis = 'channels'
+        assert not torch.allclose(blk(x, emb), want, rtol=1e-3)
+    old = dict(model.UNET_PRESETS['tiny'], arch='unet')                       # a checkpoint's kwargs before the fix
+    assert model.build(old).enc['8x8_block0'].attention_axis == 'channels'
+    assert model.build(dict(old, attention_axis='pixels')).enc['8x8_block0'].attention_axis == 'pixels'
+    import train_util                                # a student keeps its teacher's layout, so it starts as it
+    torch.save(dict(model_kwargs=old), tmp_path / 'old.pt')
+    torch.save(dict(model_kwargs=dict(old, attention_axis='pixels')), tmp_path / 'new.pt')
+    assert [train_util._teacher_attention_axis(p) for p in (tmp_path / 'old.pt', tmp_path / 'new.pt', None)] == \
+        ['channels', 'pixels', 'pixels']
+
+
 def test_time_embeddings_are_the_upstream_ones():
     """c_noise(t) = t enters as DiT's timestep_embedding (cos, sin; frequencies 10000^(-k/half)) and EDM's DDPM++
     PositionalEmbedding (endpoint: the last frequency 1/10000), both unscaled; the EDM2 U-Net's is sqrt(2) times
@@ -1671,7 +1701,7 @@ class _RunsCode:
         return os.mkdir, (self.path,)
 
 
-def _edm_pickle(path, state, edm_kwargs, precond='EDMPrecond', extra=None):
+def _edm_pickle(path, state, edm_kwargs, precond='EDMPrecond', extra=None, child=('model', 'SongUNet')):
     """Write `state` ({EDM name: tensor}) as EDM's training loop pickles a network: {'ema': EDMPrecond(model=SongUNet)}
     of torch_utils.persistence objects (their reconstructor, their class record with the module source and __dict__),
     enc/dec as stock torch.nn.ModuleDicts. The module source raises if anything ever ran it."""
@@ -1693,17 +1723,17 @@ def _edm_pickle(path, state, edm_kwargs, precond='EDMPrecond', extra=None):
             return _reconstruct_persistent_obj, (dict(type='class', version=6, class_name=self._name, state=state,
                                                       module_src='raise SystemExit("the module source ran")'),)
 
-    root = Record(precond, img_resolution=edm_kwargs['img_resolution'], img_channels=edm_kwargs['in_channels'],
+    root = Record(precond, img_resolution=edm_kwargs['img_resolution'], img_channels=edm_kwargs.get('in_channels'),
                   label_dim=edm_kwargs.get('label_dim', 0), model_type='SongUNet')
-    root.model = Record('SongUNet', **edm_kwargs)
+    root.add_module(child[0], Record(child[1], **edm_kwargs))
     for name, value in state.items():
         *parts, leaf = name.split('.')
-        m = root.model
+        m = getattr(root, child[0])
         for p in parts:
             if not hasattr(m, p):
                 m.add_module(p, torch.nn.ModuleDict() if p in ('enc', 'dec') else Record('UNetBlock'))
             m = m[p] if isinstance(m, torch.nn.ModuleDict) else getattr(m, p)
-        if leaf == 'resample_filter':
+        if leaf in ('resample_filter', 'freqs', 'phases'):              # buffers
             m.register_buffer(leaf, value)
         else:
             setattr(m, leaf, torch.nn.Parameter(value))
@@ -1768,6 +1798,16 @@ def test_edm_pickles_load_as_data_and_anything_else_is_refused(image_folder, tmp
     _edm_pickle(tmp_path / 'vp.pkl', edm, song, precond='VPPrecond')
     with pytest.raises(cli.UserError, match='VPPrecond, not EDMPrecond'):
         edm_pickle.convert(edm_pickle.load(tmp_path / 'vp.pkl')['ema'])
+    # EDM2: Precond(unet=UNet), names as model.UNet(edm2=True)'s, the MPFourier buffers included
+    kw2 = dict(model.UNET_PRESETS['tiny'], arch='unet', edm2=True, attention_axis='pixels')
+    kw2.update(dropout_res=16, label_balance=0.5, concat_balance=0.5)
+    ours2 = randomize_(model.build(kw2)).state_dict()
+    unet = dict(img_resolution=16, img_channels=1, label_dim=0, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                attn_resolutions=[8], channels_per_head=8, dropout=0.0)
+    _edm_pickle(tmp_path / 'edm2.pkl', ours2, unet, precond='Precond', child=('unet', 'UNet'))
+    got_kw, got = edm_pickle.convert(edm_pickle.load(tmp_path / 'edm2.pkl')['ema'])
+    assert model.architecture(got_kw) == model.architecture(kw2)
+    assert sorted(got) == sorted(ours2) and all(torch.equal(got[k], ours2[k]) for k in ours2)
     torch.save({'a': 1}, tmp_path / 'x.pkl')
     with pytest.raises(cli.UserError, match='torch.save file'):
         edm_pickle.load(tmp_path / 'x.pkl')

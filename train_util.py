@@ -59,6 +59,18 @@ def load_data_all_ranks(args, rank, world):
     return dataset
 
 
+def _teacher_attention_axis(path):
+    """'channels' for a U-Net teacher checkpoint from before 2026-12-04, whose attention ran across channels (the bug
+    model._with_defaults describes): its student starts as exactly it only with the same layout. Else 'pixels'."""
+    if not path or str(path).endswith('.pkl') or not os.path.isfile(path):
+        return 'pixels'
+    try:
+        kw = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('model_kwargs', {})
+    except Exception:                                                  # not a checkpoint: load_teacher says so
+        return 'pixels'
+    return model._with_defaults(kw)['attention_axis'] if kw.get('arch') == 'unet' else 'pixels'
+
+
 def model_kwargs_for(args, dataset, dropout_everywhere=False):
     """Architecture of the run: a U-Net or DiT preset, checked against the data's shape and labels.
     dropout_everywhere: dropout in every U-Net block, as EDM2's (the teachers are EDM2 config G, sCM App. G.1);
@@ -68,6 +80,8 @@ def model_kwargs_for(args, dataset, dropout_everywhere=False):
         arch = 'unet' if args.model in model.UNET_PRESETS else 'ddpmpp'
         kw = dict(model.UNET_PRESETS.get(args.model) or model.DDPMPP_PRESETS[args.model], arch=arch)
         want = (kw['img_channels'], kw['img_resolution'], kw['img_resolution'])
+        if arch == 'unet':        # EDM2's attention over pixels; a student keeps a teacher's from before the fix
+            kw['attention_axis'] = _teacher_attention_axis(getattr(args, 'teacher', None))
     elif args.model in model.DIT_PRESETS:
         kw = dict(model.DIT_PRESETS[args.model], arch='dit', input_size=H, in_channels=C, patch_size=2,
                   label_dim=dataset.num_classes)
