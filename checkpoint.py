@@ -142,9 +142,11 @@ def resume(path, method, config, net, ema, wnet, opt, scaler, log_path=None, ext
     return ckpt['step'], new_window(**ckpt.get('log_window', {}))
 
 
-def load_teacher(path, kwargs, method='teacher'):
+def load_teacher(path, kwargs, method='teacher', same_architecture=True):
     """The EMA weights of a trained TrigFlow teacher (sCM App. G: students start from them; sCD also distills them),
-    or with method='scd' of an sCD student (sCD + aVSD continues one)."""
+    or with method='scd' of an sCD student (sCD + aVSD continues one; ('scd', 'teacher'): either). A .pkl is EDM's or
+    EDM2's network, read as data (edm_pickle.py). same_architecture=False: a teacher the student does not start from
+    (EDM2's, whose time path students replace) or a guide network needs only the data's shape."""
     if not path:
         raise UserError('this method starts from a TrigFlow teacher: pass --teacher runs/teacher-<preset>/checkpoint.pt')
     if method == 'teacher' and str(path).endswith('.pkl'):             # EDM's own pickle, read as data only
@@ -153,10 +155,13 @@ def load_teacher(path, kwargs, method='teacher'):
         ckpt = dict(method='teacher', model_kwargs=kw, ema=state)
     else:
         ckpt = load(path)
-    if ckpt.get('method') != method:
+    if ckpt.get('method') not in ((method,) if isinstance(method, str) else method):
         raise UserError(f'{path} is a {ckpt.get("method")!r} checkpoint, not ' + (
             'a TrigFlow teacher (train_teacher.py)' if method == 'teacher' else f'a {method} checkpoint'))
     mine, theirs = model.architecture(kwargs), model.architecture(ckpt['model_kwargs'])
+    if not same_architecture:                                          # only the data's shape must agree
+        keys = ('img_resolution', 'img_channels', 'input_size', 'in_channels')
+        mine, theirs = ({k: a.get(k) for k in keys} for a in (mine, theirs))
     if mine != theirs:
         raise UserError(f'teacher {path} has another architecture: ' + ', '.join(
             f'{k}={theirs.get(k)!r} there vs {mine.get(k)!r} here'
@@ -164,6 +169,25 @@ def load_teacher(path, kwargs, method='teacher'):
     teacher = model.build(dict(ckpt['model_kwargs'], dropout=0.0))
     teacher.load_state_dict(ckpt['ema'])
     return teacher.eval().requires_grad_(False)
+
+
+def init_from_edm2(net, path):
+    """Start a U-Net with the paper's time path from an EDM2 pickle's U-Net (train_teacher.py --init): every weight
+    but EDM2's Fourier time embedding, the output gain negated (EDM2's F is -F of TrigFlow, App. B.2). The time path
+    and the modulation (ADN, §4.1) then re-fit by a short TrigFlow diffusion fine-tune, SANA-Sprint's route."""
+    data = edm_pickle.load(path)
+    kw, state = edm_pickle.convert(data.get('ema') if isinstance(data, dict) else data, path)
+    if not kw.get('edm2'):
+        raise UserError(f'{path}: --init takes an EDM2 U-Net pickle (an EDM DDPM++ teaches as it is: --teacher)')
+    state = {k: v for k, v in state.items() if not k.startswith('emb_fourier.')}
+    state['out_gain'] = -state['out_gain']
+    mine = net.state_dict()
+    bad = [f'{k} {tuple(v.shape)} there vs {tuple(mine[k].shape) if k in mine else "none"} here'
+           for k, v in state.items() if k not in mine or mine[k].shape != v.shape]
+    if bad or set(mine) - set(state) - {'emb_time.freqs'}:
+        raise UserError(f'{path}: another U-Net than --model\'s: ' + ', '.join(
+            bad[:3] or sorted(set(mine) - set(state) - {'emb_time.freqs'})[:3]))
+    net.load_state_dict(state, strict=False)
 
 
 def start_from(net, teacher):

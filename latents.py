@@ -32,6 +32,8 @@ import data
 PAPER_VAE = 'stabilityai/sd-vae-ft-mse'         # sCM App. G.1
 LATENT_MEAN = (1.56, -0.695, 0.483, 0.729)      # sCM App. G (ImageNet 512): per-channel stats of raw SD-VAE latents
 LATENT_STD = (5.27, 5.91, 4.21, 4.31)           # latents are normalized as (z - mean) * sigma_d / std, sigma_d = 0.5
+EDM2_MEAN = (5.81, 3.25, 0.12, -2.15)            # EDM2's StabilityVAEEncoder: the same VAE of [0, 1] pixels, its
+EDM2_STD = (4.17, 4.62, 3.71, 3.28)              # raw_mean/raw_std (final std 0.5): what its ImageNet 512 nets learned
 
 
 def _channel_stats(x, mean, std):
@@ -103,7 +105,8 @@ def load(path):
         try:
             with open(stem + '.json') as f:
                 meta = json.load(f)
-            stats = dict(vae=str(meta['vae']), mean=tuple(map(float, meta['mean'])), std=tuple(map(float, meta['std'])))
+            stats = dict(vae=str(meta['vae']), mean=tuple(map(float, meta['mean'])), std=tuple(map(float, meta['std'])),
+                         pixels=str(meta.get('pixels', '[-1, 1]')))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise data.DataError(f'data: cannot read {stem}.json as latents.py\'s description of {path} '
                                  f'({e!r})') from None
@@ -185,7 +188,8 @@ def decode(x, stats, batch=16):
     latent dataset and its checkpoints carry)."""
     vae = get_vae(stats['vae'], x.device)
     z = denormalize(x.float(), mean=stats['mean'], std=stats['std'])
-    return torch.cat([vae.decode(z[i:i + batch]).sample for i in range(0, len(z), batch)]).clamp(-1, 1)
+    x = torch.cat([vae.decode(z[i:i + batch]).sample for i in range(0, len(z), batch)])
+    return (x * 2 - 1 if stats.get('pixels') == '[0, 1]' else x).clamp(-1, 1)   # EDM2 encodes [0, 1] pixels
 
 
 def _save_npy(path, array):
@@ -214,7 +218,8 @@ def encode(args):
     try:
         i = 0
         for x, _ in tqdm(loader, desc='encoding', unit='batch'):
-            post = vae.encode(x.to(device)).latent_dist               # x in [-1, 1] (App. G.1)
+            x = (x + 1) / 2 if args.like == 'edm2' else x               # EDM2: [0, 1]; sCM: [-1, 1] (App. G.1)
+            post = vae.encode(x.to(device)).latent_dist
             mean, std = post.mean.float(), post.std.float()
             if out is None:
                 shape = (len(ds), 8, *map(int, mean.shape[2:]))
@@ -230,13 +235,16 @@ def encode(args):
         sd = (s2 / count - m.square()).clamp(min=0).sqrt().cpu()
         measured = dict(mean=[round(v, 4) for v in m.tolist()], std=[round(v, 4) for v in sd.tolist()])
         paper = args.vae == PAPER_VAE
+        known = (EDM2_MEAN, EDM2_STD, 'EDM2 (StabilityVAEEncoder)') if args.like == 'edm2' else \
+            (LATENT_MEAN, LATENT_STD, 'sCM App. G.1')
         meta = dict(format='scm latents 1', vae=vae_name, images=os.path.abspath(args.images), count=len(ds),
                     classes=ds.num_classes,
-                    resolution=args.resolution, crop='center (ADM / EDM2)', pixels='[-1, 1]',
+                    resolution=args.resolution, crop='center (ADM / EDM2)',
+                    pixels='[0, 1]' if args.like == 'edm2' else '[-1, 1]',
                     channels='posterior mean (4), then std (4)',
-                    mean=list(LATENT_MEAN) if paper else measured['mean'],
-                    std=list(LATENT_STD) if paper else measured['std'],
-                    stats='sCM App. G.1' if paper else 'measured while encoding', measured=measured)
+                    mean=list(known[0]) if paper else measured['mean'],
+                    std=list(known[1]) if paper else measured['std'],
+                    stats=known[2] if paper else 'measured while encoding', measured=measured)
         if ds.num_classes:
             _save_npy(stem + '.labels.npy', ds.labels.numpy())
         elif os.path.exists(stem + '.labels.npy'):
@@ -252,7 +260,7 @@ def encode(args):
     print(f'wrote {args.out}: {len(ds)} posteriors [{len(ds)}, 8, {mean.shape[2]}, {mean.shape[3]}]'
           + (f', {ds.num_classes} classes in {stem}.labels.npy' if ds.num_classes else ', no labels'))
     print(f'per-channel mean {measured["mean"]}, std {measured["std"]} measured'
-          + (f'; normalizing with the paper\'s {list(LATENT_MEAN)}, {list(LATENT_STD)}' if paper else
+          + (f'; normalizing with {meta["stats"]}\'s {meta["mean"]}, {meta["std"]}' if paper else
              '; normalizing with these (not the paper\'s VAE)'))
     load(args.out)                                                    # the loader's own check of the scale
 
@@ -278,6 +286,9 @@ def main():
     e.add_argument('--out', required=True, help='the .npy to write')
     e.add_argument('--resolution', type=int, default=512, help='center-crop size in pixels (ImageNet 512: 512)')
     e.add_argument('--vae', default=PAPER_VAE, help='diffusers AutoencoderKL: hub name or local folder')
+    e.add_argument('--like', choices=['scm', 'edm2'], default='scm', help="scm: [-1, 1] pixels and sCM's statistics "
+                   "(App. G.1); edm2: EDM2's encoding, [0, 1] pixels and its statistics, the data its ImageNet 512 "
+                   "networks learned (to distill them)")
     e.add_argument('--batch', type=int, default=32, help='images per VAE call')
     e.add_argument('--workers', type=int, default=4, help='DataLoader processes decoding images')
     e.add_argument('--device', help='default: cuda if available, else cpu')

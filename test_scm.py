@@ -1823,6 +1823,45 @@ def test_edm_pickles_load_as_data_and_anything_else_is_refused(image_folder, tmp
     assert Image.open(tmp_path / 's.png').size[0] > 16
 
 
+def test_an_edm2_teacher_refits_and_teaches(image_folder, tmp_path):
+    """EDM2's route (issue 24): train_teacher.py --init X.pkl starts a U-Net with the paper's time path from an EDM2
+    pickle (every weight but the Fourier embedding, the output gain negated: EDM2's F is -F), re-fits it, and that
+    re-fit is the student of the EDM2 network, which teaches as it is (--teacher X.pkl --student). A guide network
+    (--guide-net) replaces the teacher's null label in the guided velocity."""
+    import checkpoint as ck
+    import train_scd
+    kw = dict(model.UNET_PRESETS['tiny'], arch='unet', edm2=True, attention_axis='pixels', dropout_res=16)
+    edm2 = randomize_(model.build(kw)).state_dict()
+    unet = dict(img_resolution=16, img_channels=1, label_dim=0, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                attn_resolutions=[8], channels_per_head=8)
+    _edm_pickle(tmp_path / 'edm2.pkl', edm2, unet, precond='Precond', child=('unet', 'UNet'))
+    net = model.build(dict(model.UNET_PRESETS['tiny'], arch='unet', attention_axis='pixels'))
+    ck.init_from_edm2(net, tmp_path / 'edm2.pkl')
+    for k, v in net.state_dict().items():
+        assert k == 'emb_time.freqs' or torch.equal(v, -edm2[k] if k == 'out_gain' else edm2[k]), k
+    with pytest.raises(cli.UserError, match="another U-Net than --model's"):
+        ck.init_from_edm2(model.build(dict(model.UNET_PRESETS['tiny'], arch='unet', model_channels=16)),
+                          tmp_path / 'edm2.pkl')
+    common = ['--preset', 'fashion-s', '--data', image_folder, *TINY]
+    run_script('train_teacher.py', '--preset', 'fashion-s', '--data', image_folder, *TINY[:-2], '--init',
+               tmp_path / 'edm2.pkl', '--out', tmp_path / 'refit', '--steps', 2, '--label-dropout', 0)
+    run_script('train_scd.py', *common, '--teacher', tmp_path / 'edm2.pkl', '--student',
+               tmp_path / 'refit' / 'checkpoint.pt', '--s-max', 1, '--out', tmp_path / 'scd', '--steps', 2)
+    assert not _ckpt(tmp_path / 'scd' / 'checkpoint.pt')['model_kwargs'].get('edm2')     # the paper's time path
+    p = run_script('train_scd.py', *common, '--teacher', tmp_path / 'edm2.pkl', '--s-max', 2, '--out',
+                   tmp_path / 'x', '--steps', 1, check=False)
+    assert p.returncode == 2 and 'guide with --guide-net' in p.stderr.strip().splitlines()[-1]
+    # the guide replaces exactly the null-label branch
+    teacher, student = tiny_unet(label_dim=3).eval(), tf.JVP(tiny_unet(label_dim=3, cfg_embed=True))
+    x0, labels = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0])
+    def loss(guide):
+        torch.manual_seed(0)
+        return train_scd.scd_loss(student, teacher, x0, labels, P_mean=-1.0, P_std=1.6, r=1.0, s_max=2.0,
+                                  guide=guide)[0]
+    null = lambda u, t, labels: teacher(u, t, torch.full_like(labels, -1))
+    assert torch.equal(loss(None), loss(null)) and not torch.equal(loss(None), loss(lambda u, t, l: teacher(u, t, l)))
+
+
 def test_a_checkpoint_that_carries_code_is_refused_before_it_runs(tiny_teacher, image_folder, tmp_path):
     """sample.py and --teacher read checkpoints with weights_only=True: a file whose pickle would call a function
     gets one error line and exit 2, and the function never runs."""
@@ -2090,6 +2129,29 @@ def test_the_papers_vae_loads_by_name_where_the_hub_is_reachable():
         post = vae.encode(x).latent_dist
         back = vae.decode(post.mean).sample
     assert post.mean.shape == (1, 4, 8, 8) and rel(back, x) < 0.2
+
+
+def test_latents_encoded_like_edm2(tiny_vae, tmp_path):
+    """`latents.py encode --like edm2`: EDM2's encoding, the VAE of [0, 1] pixels (StabilityVAEEncoder), so that the
+    data matches an EDM2 teacher; decoding maps the VAE's [0, 1] back to [-1, 1]. With sd-vae-ft-mse it normalizes
+    with EDM2's raw mean and std (final std 0.5); any other VAE with what it measured."""
+    vae_dir, vae = tiny_vae
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    for i in range(4):
+        Image.new('RGB', (16, 16), (200, 30, 90 + 40 * i)).save(folder / f'{i}.png')
+    out = tmp_path / 'lat.npy'
+    run_script('latents.py', 'encode', folder, '--out', out, '--resolution', 16, '--vae', vae_dir, '--like', 'edm2')
+    meta, z = json.loads((tmp_path / 'lat.json').read_text()), np.load(out)
+    assert meta['pixels'] == '[0, 1]' and meta['stats'] == 'measured while encoding'
+    with torch.no_grad():
+        x = (torch.tensor([200, 30, 90], dtype=torch.float32) / 255).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+        post = vae.encode(x).latent_dist                                        # EDM2: pixels / 255
+        assert np.abs(z[0, :4] - post.mean[0].numpy()).max() < 1e-4
+        stats = latents.load(str(out)).latent_stats
+        lat = torch.randn(2, 4, 8, 8)
+        want = vae.decode(latents.denormalize(lat, mean=stats['mean'], std=stats['std'])).sample * 2 - 1
+        assert stats['pixels'] == '[0, 1]' and torch.allclose(latents.decode(lat, stats), want.clamp(-1, 1))
 
 
 def test_latent_pipeline_round_trip(tiny_vae, tmp_path):

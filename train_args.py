@@ -6,7 +6,7 @@ import argparse
 from cli import UserError
 
 
-OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'teacher', 'student'}
+OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'teacher', 'student', 'init', 'guide_net'}
 # The discrete-time recipes' values (--recipe ict, ct2023, cd2023): unset, and unused, under sCM's own loss.
 RECIPE_KEYS = ('grid', 'N', 's0', 's1', 'K', 'mu0', 'metric', 'huber_c', 'weighting', 'intervals')
 HINTS = {'data': '--data (the ImageNet presets: the .npy of `python latents.py encode`, or the .zip of '

@@ -86,11 +86,12 @@ RECIPES = {
 
 
 def scd_loss(net, teacher, x0, labels, *, wnet=None, P_mean, P_std, r, s_max=1.0, c=0.1,
-             tangent_norm='rms', grid=None, two_pass=False):
+             tangent_norm='rms', grid=None, two_pass=False, guide=None):
     """sCD's loss for one batch (Alg. 1) with the (guided) teacher's PF-ODE velocity as dx_t/dt. net: the student
     with gradient, trigflow.JVP-wrapped (and DDP-wrapped: its one pass gives F_theta, the tangent, and backward's
     all-reduce); wnet(t): w_phi(t);
-    r: tangent warmup; s ~ U[1, s_max] is the CFG scale, seen by the student; grid: dsCD's times (App. E)."""
+    r: tangent warmup; s ~ U[1, s_max] is the CFG scale, seen by the student; grid: dsCD's times (App. E); guide: the
+    network guidance extrapolates from (EDM2's XS unconditional one), else the teacher with the null label."""
     B = x0.shape[0]
     if grid is None:
         t, dt = tf.sample_t(B, P_mean, P_std, device=x0.device), None                 # log-normal proposal
@@ -103,7 +104,8 @@ def scd_loss(net, teacher, x0, labels, *, wnet=None, P_mean, P_std, r, s_max=1.0
     with torch.no_grad():                                                            # dx_t/dt from the teacher
         F_teacher = lambda u, t: teacher(u, t, labels)
         if s is not None:                                                            # with CFG at scale s
-            F_teacher = tf.guided(F_teacher, lambda u, t: teacher(u, t, torch.full_like(labels, -1)), s)
+            F_teacher = tf.guided(F_teacher, lambda u, t: guide(u, t, labels) if guide else
+                                  teacher(u, t, torch.full_like(labels, -1)), s)
         dxdt = tf.velocity(F_teacher, x_t, t)
     return tf.scm_loss(lambda u, t: net(u, t, labels, s), x_t, t, dxdt, w=None if wnet is None else wnet(t), r=r,
                        c=c, tangent_norm=tangent_norm, dt=dt, two_pass=two_pass,
@@ -163,10 +165,15 @@ def main():
     p.add_argument('--P-vsd', type=float, nargs=2, dest='P_vsd', help="L_VSD's proposal (P_mean, P_std)")
     p.add_argument('--P-fake', type=float, nargs=2, dest='P_fake', help="F_phi's diffusion-loss proposal (P_mean, "
                    "P_std)")
-    p.add_argument('--student', help='start the student from this sCD checkpoint\'s EMA instead of the teacher\'s '
-                   '(sCD + aVSD continues an sCD student)')
+    p.add_argument('--student', help='start the student from this checkpoint\'s EMA instead of the teacher\'s: an sCD '
+                   'student (sCD + aVSD continues one) or a re-fitted EDM2 U-Net (train_teacher.py --init)')
+    p.add_argument('--guide-net', help='guide with this network instead of the teacher\'s null label: EDM2\'s XS '
+                   'unconditional pickle for an EDM2 teacher (EDM2 §5)')
     train_args.add_recipe_args(p, RECIPES)
     args = train_args.parse_args(p, PRESETS, RECIPES)
+    if args.teacher and args.teacher.endswith('.pkl') and args.s_max > 1 and not args.guide_net:
+        raise cli.UserError('EDM and EDM2 teachers have no null label: guide with --guide-net (EDM2: its XS '
+                            'unconditional pickle), or pass --s-max 1')
     if args.vsd and (args.discrete or args.two_pass):
         raise cli.UserError('--vsd adds to sCD in continuous time, one pass: drop --discrete and --two-pass')
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
@@ -197,8 +204,11 @@ def main():
     torch.manual_seed(args.seed)
     net = model.build(model_kwargs).to(device)
     wnet = tf.AdaptiveWeight().to(device)
-    teacher = ck.load_teacher(args.teacher, model_kwargs).to(device)
-    ck.start_from(net, ck.load_teacher(args.student, model_kwargs, 'scd') if args.student else teacher)
+    # A --student of another time path than the teacher's (EDM2's, re-fitted) needs only the data's shape to agree.
+    teacher = ck.load_teacher(args.teacher, model_kwargs, same_architecture=not args.student).to(device)
+    ck.start_from(net, ck.load_teacher(args.student, model_kwargs, ('scd', 'teacher')) if args.student else teacher)
+    guide = ck.load_teacher(args.guide_net, model_kwargs, same_architecture=False).to(device) if args.guide_net \
+        else None
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     # A recipe's target theta-: an EMA of theta (CM 2023), or theta itself when mu0 = 0.
     target = copy.deepcopy(net).requires_grad_(False) if args.recipe != 'scm' and args.mu0 > 0 else None
@@ -208,6 +218,9 @@ def main():
     if args.vsd:
         vsd = dict(fake=model.build(dict(model_kwargs, cfg_embed=False)).to(device),
                    wvsd=tf.AdaptiveWeight().to(device), wfake=tf.AdaptiveWeight().to(device))
+        shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}
+        if shapes(vsd['fake']) != shapes(teacher):
+            raise cli.UserError('--vsd: F_phi starts as the teacher, which needs the student\'s architecture')
         vsd['fake'].load_state_dict(teacher.state_dict())
         vsd['fake_opt'] = tu.optimizer(args, list(vsd['fake'].parameters()) + list(vsd['wfake'].parameters()))
     opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()) +
@@ -266,7 +279,8 @@ def main():
                         loss, micro_terms = scd_loss(ddp_net, teacher, x0, labels, wnet=ddp_wnet,
                                                      two_pass=args.two_pass, P_mean=args.P_mean, P_std=args.P_std,
                                                      r=tf.tangent_warmup(step, args.warmup_steps), s_max=args.s_max,
-                                                     c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid)
+                                                     c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid,
+                                                     guide=guide)
                     if vsd:                                                  # + lambda_VSD L_VSD; F_phi's own loss
                         s = 1 + (args.s_max - 1) * torch.rand(len(labels), device=device) if args.s_max > 1 else None
                         loss_vsd, loss_fake, vsd_terms = vsd_losses(

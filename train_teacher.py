@@ -78,6 +78,8 @@ def main():
     p.add_argument('--label-dropout', type=float, help='probability of training with the null label (for CFG)')
     p.add_argument('--sample-heun-steps', type=int, help='Heun steps of the grids and of sample.py (2N - 1 NFE)')
     p.add_argument('--sample-cfg', type=float, help='guidance scale of the grids and of sample.py (1 = none)')
+    p.add_argument('--init', help="start from an EDM2 pickle's U-Net with the paper's time path, to re-fit it "
+                   '(then the student of an EDM2 teacher: train_scd.py --student)')
     args = train_args.parse_args(p, PRESETS)
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
@@ -102,6 +104,8 @@ def main():
     # Networks: the same initial weights on every rank; EMA and the adaptive weight w_phi(t) (Eq. 8).
     torch.manual_seed(args.seed)
     net = model.build(model_kwargs).to(device)
+    if args.init:                                         # EDM2's weights, the paper's time path (re-fit here)
+        ck.init_from_edm2(net, args.init)
     wnet = tf.AdaptiveWeight().to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()))
