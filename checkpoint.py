@@ -157,7 +157,8 @@ def load_teacher(path, kwargs, method='teacher', same_architecture=True):
         ckpt = load(path)
     if ckpt.get('method') not in ((method,) if isinstance(method, str) else method):
         raise UserError(f'{path} is a {ckpt.get("method")!r} checkpoint, not ' + (
-            'a TrigFlow teacher (train_teacher.py)' if method == 'teacher' else f'a {method} checkpoint'))
+            'a TrigFlow teacher (train_teacher.py)' if method == 'teacher' else
+            f'a {" or ".join((method,) if isinstance(method, str) else method)} checkpoint'))
     mine, theirs = model.architecture(kwargs), model.architecture(ckpt['model_kwargs'])
     if not same_architecture:                                          # only the data's shape must agree
         keys = ('img_resolution', 'img_channels', 'input_size', 'in_channels')
