@@ -77,12 +77,20 @@ PRESETS = {
 # section); a recipe sets only the loss, the rest is the preset's. Every value has its flag.
 RECIPES = {
     'scm': dict(recipe='scm'),                                     # sCD, Alg. 1
-    # CD of Consistency Models (Song et al. 2023, Table 3, CIFAR-10): N = 18, one Heun step of the teacher,
-    # mu = 0 (theta- = theta), uniform intervals, lambda = 1, no guidance; L2 where the best used LPIPS (not here: it
-    # needs downloaded weights)
+    # CD of Consistency Models (Song et al. 2023, Table 3, CIFAR-10): N = 18, one Heun step of the teacher, mu = 0
+    # (theta- = theta), uniform intervals, lambda = 1, no guidance; L2 where its best used LPIPS (downloaded weights)
     'cd2023': dict(recipe='cd2023', grid='fixed', N=18, mu0=0.0, metric='l2', weighting='one', intervals='uniform',
                    s_max=1.0),
 }
+
+
+def teacher_F(teacher, labels, s=None, guide=None):
+    """The teacher's F at the labels, guided at the CFG scales s [B] (None: unguided) against its null label, or
+    against a guide network (--guide-net: EDM2's XS unconditional one)."""
+    F = lambda u, t: teacher(u, t, labels)
+    if s is None:
+        return F
+    return tf.guided(F, lambda u, t: guide(u, t, labels) if guide else teacher(u, t, torch.full_like(labels, -1)), s)
 
 
 def scd_loss(net, teacher, x0, labels, *, wnet=None, P_mean, P_std, r, s_max=1.0, c=0.1,
@@ -90,8 +98,8 @@ def scd_loss(net, teacher, x0, labels, *, wnet=None, P_mean, P_std, r, s_max=1.0
     """sCD's loss for one batch (Alg. 1) with the (guided) teacher's PF-ODE velocity as dx_t/dt. net: the student
     with gradient, trigflow.JVP-wrapped (and DDP-wrapped: its one pass gives F_theta, the tangent, and backward's
     all-reduce); wnet(t): w_phi(t);
-    r: tangent warmup; s ~ U[1, s_max] is the CFG scale, seen by the student; grid: dsCD's times (App. E); guide: the
-    network guidance extrapolates from (EDM2's XS unconditional one), else the teacher with the null label."""
+    r: tangent warmup; s ~ U[1, s_max] is the CFG scale, seen by the student; grid: dsCD's times (App. E); guide: see
+    teacher_F."""
     B = x0.shape[0]
     if grid is None:
         t, dt = tf.sample_t(B, P_mean, P_std, device=x0.device), None                 # log-normal proposal
@@ -102,17 +110,14 @@ def scd_loss(net, teacher, x0, labels, *, wnet=None, P_mean, P_std, r, s_max=1.0
     x_t, _ = tf.forward_process(x0, t, z)                                            # x_t = cos t x0 + sin t z
     s = 1 + (s_max - 1) * torch.rand(B, device=x0.device) if s_max > 1 else None
     with torch.no_grad():                                                            # dx_t/dt from the teacher
-        F_teacher = lambda u, t: teacher(u, t, labels)
-        if s is not None:                                                            # with CFG at scale s
-            F_teacher = tf.guided(F_teacher, lambda u, t: guide(u, t, labels) if guide else
-                                  teacher(u, t, torch.full_like(labels, -1)), s)
-        dxdt = tf.velocity(F_teacher, x_t, t)
+        dxdt = tf.velocity(teacher_F(teacher, labels, s, guide), x_t, t)             # with CFG at scale s
     return tf.scm_loss(lambda u, t: net(u, t, labels, s), x_t, t, dxdt, w=None if wnet is None else wnet(t), r=r,
                        c=c, tangent_norm=tangent_norm, dt=dt, two_pass=two_pass,
                        jvp=lambda u, t, tangents: net(u, t, labels, s, tangents=tangents))
 
 
-def cd_loss(net, target, teacher, x0, labels, ts, *, intervals, P_mean, P_std, metric, c, weighting, s_max=1.0):
+def cd_loss(net, target, teacher, x0, labels, ts, *, intervals, P_mean, P_std, metric, c, weighting, s_max=1.0,
+            guide=None):
     """CD's loss for one batch (CM 2023 Alg. 2): an interval (t', t) of the grid ts, x_t from (x0, z) and x_t' from
     one Heun step of the teacher's PF-ODE (trigflow.heun_step), then trigflow.cm_loss. net: the student with
     gradient (DDP-wrapped); target: theta-'s network (net itself, unwrapped, when mu = 0). s ~ U[1, s_max]: the
@@ -121,15 +126,12 @@ def cd_loss(net, target, teacher, x0, labels, ts, *, intervals, P_mean, P_std, m
     t, t_prev = tf.sample_interval(B, ts, *((P_mean, P_std) if intervals == 'lognormal' else ()), device=x0.device)
     x_t, _ = tf.forward_process(x0, t, torch.randn_like(x0) * tf.SIGMA_D)           # z ~ N(0, sigma_d^2 I)
     s = 1 + (s_max - 1) * torch.rand(B, device=x0.device) if s_max > 1 else None
-    F_teacher = lambda u, t: teacher(u, t, labels)
-    if s is not None:
-        F_teacher = tf.guided(F_teacher, lambda u, t: teacher(u, t, torch.full_like(labels, -1)), s)
-    x_prev = tf.heun_step(F_teacher, x_t, t, t_prev)                                 # CD's x_t'
+    x_prev = tf.heun_step(teacher_F(teacher, labels, s, guide), x_t, t, t_prev)      # CD's x_t'
     return tf.cm_loss(lambda u, t: net(u, t, labels, s), lambda u, t: target(u, t, labels, s), x_t, t, x_prev,
                       t_prev, metric=metric, c=c, weighting=weighting)
 
 
-def vsd_losses(net, teacher, fake, x0, labels, s, *, wvsd=None, wfake=None, P_vsd, P_fake):
+def vsd_losses(net, teacher, fake, x0, labels, s, *, wvsd=None, wfake=None, P_vsd, P_fake, guide=None):
     """sCD + adaptive VSD's extra terms for one batch (§5.2, App. C; trigflow.avsd_loss): the student's 1-step
     samples x_gen = g_theta(z') from t_max, (1) the VSD loss for the student, whose gradient moves x_gen along
     F_phi - F_pretrain, with the teacher guided at the student's own CFG scale s and F_phi unguided (it models the
@@ -139,12 +141,9 @@ def vsd_losses(net, teacher, fake, x0, labels, s, *, wvsd=None, wfake=None, P_vs
     (student loss, F_phi's loss, terms)."""
     B, sd = x0.shape[0], tf.SIGMA_D
     x_gen = tf.one_step(lambda u, t: net(u, t, labels, s), torch.randn_like(x0) * sd)     # z' ~ N(0, sigma_d^2 I)
-    F_teacher = lambda u, t: teacher(u, t, labels)
-    if s is not None:
-        F_teacher = tf.guided(F_teacher, lambda u, t: teacher(u, t, torch.full_like(labels, -1)), s)
     t = tf.sample_t(B, *P_vsd, device=x0.device)                                    # Table 5: (0.4, 2.0)
-    vsd, terms = tf.avsd_loss(x_gen, F_teacher, lambda u, t: fake(u, t, labels), t, torch.randn_like(x_gen) * sd,
-                              w=None if wvsd is None else wvsd(t))
+    vsd, terms = tf.avsd_loss(x_gen, teacher_F(teacher, labels, s, guide), lambda u, t: fake(u, t, labels), t,
+                              torch.randn_like(x_gen) * sd, w=None if wvsd is None else wvsd(t))
     t_fake = tf.sample_t(B, *P_fake, device=x0.device)                              # Table 5: (-0.8, 1.6)
     fake_loss, fake_mse = tf.diffusion_loss(lambda u, t: fake(u, t, labels), x_gen.detach(), t_fake,
                                             torch.randn_like(x_gen) * sd, w=None if wfake is None else wfake(t_fake))
@@ -207,8 +206,7 @@ def main():
     # A --student of another time path than the teacher's (EDM2's, re-fitted) needs only the data's shape to agree.
     teacher = ck.load_teacher(args.teacher, model_kwargs, same_architecture=not args.student).to(device)
     ck.start_from(net, ck.load_teacher(args.student, model_kwargs, ('scd', 'teacher')) if args.student else teacher)
-    guide = ck.load_teacher(args.guide_net, model_kwargs, same_architecture=False).to(device) if args.guide_net \
-        else None
+    guide = args.guide_net and ck.load_teacher(args.guide_net, model_kwargs, same_architecture=False).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     # A recipe's target theta-: an EMA of theta (CM 2023), or theta itself when mu0 = 0.
     target = copy.deepcopy(net).requires_grad_(False) if args.recipe != 'scm' and args.mu0 > 0 else None
@@ -273,7 +271,7 @@ def main():
                         loss, micro_terms = cd_loss(ddp_net, target or net, teacher, x0, labels, ts,
                                                     intervals=args.intervals, P_mean=args.P_mean, P_std=args.P_std,
                                                     metric=args.metric, c=args.huber_c, weighting=args.weighting,
-                                                    s_max=args.s_max)
+                                                    s_max=args.s_max, guide=guide)
                         micro_terms['N'] = torch.tensor(float(N))
                     else:
                         loss, micro_terms = scd_loss(ddp_net, teacher, x0, labels, wnet=ddp_wnet,
@@ -285,7 +283,7 @@ def main():
                         s = 1 + (args.s_max - 1) * torch.rand(len(labels), device=device) if args.s_max > 1 else None
                         loss_vsd, loss_fake, vsd_terms = vsd_losses(
                             net, teacher, ddp_vsd['fake'], x0, labels, s, wvsd=ddp_vsd['wvsd'],
-                            wfake=ddp_vsd['wfake'], P_vsd=args.P_vsd, P_fake=args.P_fake)
+                            wfake=ddp_vsd['wfake'], P_vsd=args.P_vsd, P_fake=args.P_fake, guide=guide)
                         loss = loss + args.vsd * loss_vsd + loss_fake                # disjoint parameters
                         micro_terms.update(vsd_terms)
                 scaler.scale(loss / accum).backward()
