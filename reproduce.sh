@@ -159,7 +159,9 @@ if has discrete; then   # issue 23: the discrete-time CMs as published against s
         row "$m-2step" 2 "$R/$m/checkpoint.pt" --steps 2
     done
     echo "iCT and CD (2023) after $CM_STEPS steps, FID ($NUM samples):"
-    grep -E "^(ict|cd2023)-" "$R/fid.txt" | column -t
+    mkdir -p "$FIG/repro"
+    grep -E "^(ict|cd2023)-" "$R/fid.txt" | tee "$FIG/repro/discrete.txt" | column -t
+    cp "$R"/grids/ict-*.png "$R"/grids/cd2023-*.png "$FIG/repro/"
 fi
 if has plot; then
     mkdir -p "$FIG/repro"
