@@ -66,6 +66,8 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, *state):
     return data                                                            # the tensor; hooks and state dropped
 
 
+_np_multiarray = (getattr(np, '_core', None) or np.core).multiarray    # numpy 2 renamed numpy.core to numpy._core
+
 # (module, name) -> what it builds. Nothing here runs code from the file: each builds a container or a tensor.
 _NN = 'torch.nn.modules.'
 SAFE = {
@@ -79,10 +81,10 @@ SAFE = {
     ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
     ('torch.storage', '_load_from_bytes'): _storage_from_bytes,
     ('torch', 'Size'): torch.Size,
-    ('numpy.core.multiarray', '_reconstruct'): np.core.multiarray._reconstruct,
-    ('numpy._core.multiarray', '_reconstruct'): np.core.multiarray._reconstruct,
-    ('numpy.core.multiarray', 'scalar'): np.core.multiarray.scalar,
-    ('numpy._core.multiarray', 'scalar'): np.core.multiarray.scalar,
+    ('numpy.core.multiarray', '_reconstruct'): _np_multiarray._reconstruct,
+    ('numpy._core.multiarray', '_reconstruct'): _np_multiarray._reconstruct,
+    ('numpy.core.multiarray', 'scalar'): _np_multiarray.scalar,
+    ('numpy._core.multiarray', 'scalar'): _np_multiarray.scalar,
     ('numpy', 'ndarray'): np.ndarray,
     ('numpy', 'dtype'): np.dtype,
     **{(_NN + mod, name): _module_stub(name) for mod, name in [
