@@ -10,6 +10,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import safe_pickle
 
 
 class UserError(Exception):
@@ -31,7 +32,7 @@ def main_guard(main):
         main()
         if dist.is_initialized():
             dist.barrier()          # every rank done with its collectives before any tears the group down
-    except (UserError, data.DataError) as e:
+    except (UserError, data.DataError, safe_pickle.ReadError) as e:
         _close_bars()
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

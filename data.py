@@ -11,7 +11,6 @@ import io
 import json
 import math
 import os
-import pickle
 import tarfile
 import urllib.request
 import zipfile
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+import safe_pickle
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 GRAY_MODES = ('1', 'L', 'LA')                   # read as 1 channel; every other PIL mode is converted to RGB
@@ -309,18 +310,6 @@ def _load_cifar10(data_dir, split, download):
     return ImageDataset('cifar10', (3, 32, 32), torch.from_numpy(labels), 10, images=torch.from_numpy(images))
 
 
-class _ArraysOnly(pickle.Unpickler):
-    """A pickle reader that builds dicts, lists, bytes, numbers and numpy arrays, and refuses anything else by name
-    before it runs: a tarball a user hands us cannot run code."""
-    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-               ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f'refused {module}.{name}: CIFAR-10 batches hold arrays only')
-        return super().find_class(module, name)
-
-
 def _read_cifar_official(path, split):
     """The pickled batches of cifar-10-python.tar.gz: data_batch_1..5 (train) or test_batch (test)."""
     names = [f'data_batch_{k}' for k in range(1, 6)] if split == 'train' else ['test_batch']
@@ -333,12 +322,25 @@ def _read_cifar_official(path, split):
                 except KeyError:
                     raise DataError(f'data: {path} has no cifar-10-batches-py/{n}; expected the official '
                                     f'cifar-10-python.tar.gz') from None
-                batch = _ArraysOnly(f, encoding='bytes').load()
-                images.append(np.asarray(batch[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels.append(np.asarray(batch[b'labels'], dtype=np.int64))
+                if f is None or tar.getmember(f'cifar-10-batches-py/{n}').size > 2 ** 26:
+                    raise DataError(f'data: {path}: cifar-10-batches-py/{n} is not a file of a CIFAR-10 batch\'s '
+                                    f'size (30 MB)')
+                # arrays and plain values only (safe_pickle: a batch cannot run code, crash or blow up memory)
+                try:
+                    batch = safe_pickle.unpickle(f.read(), 'a CIFAR-10 batch', safe_pickle.NUMPY, encoding='bytes')
+                except safe_pickle.ReadError as e:
+                    raise DataError(f'data: {path}: cifar-10-batches-py/{n} is not plain data: {e}') from None
+                x, y = batch.get(b'data') if isinstance(batch, dict) else None, batch.get(b'labels') \
+                    if isinstance(batch, dict) else None
+                if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072
+                        and isinstance(y, list) and len(y) == len(x) and all(type(v) is int for v in y)):
+                    raise DataError(f'data: {path}: cifar-10-batches-py/{n} is not a CIFAR-10 batch (a dict of '
+                                    f'b\'data\': uint8 [N, 3072] and b\'labels\': N ints)')
+                images.append(x.reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(y, dtype=np.int64))
     except DataError:
         raise
-    except (OSError, EOFError, tarfile.TarError, zlib.error, pickle.UnpicklingError, KeyError, ValueError) as e:
+    except (OSError, EOFError, tarfile.TarError, zlib.error, KeyError, ValueError) as e:
         raise DataError(f'data: cannot read {path} as the official CIFAR-10 python tarball ({e!r})') from None
     images, labels = np.concatenate(images), np.concatenate(labels)
     if len(images) != CIFAR_COUNT[split] or len(labels) != len(images) or labels.min() < 0 or labels.max() > 9:

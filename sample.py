@@ -35,12 +35,11 @@ def load_net(path, raw=False, device='cpu'):
     if raw and 'net' not in ckpt:
         raise cli.UserError(f'{path} holds the EMA weights only (checkpoint.py export): drop --raw')
     state = ckpt['net' if raw else 'ema']
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    net = ck.build(dict(ckpt['model_kwargs'], dropout=0.0), state, path)      # shapes checked before values
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise cli.UserError(f'{path}: the {"raw" if raw else "EMA"} weights hold NaN or Inf ({len(bad)} tensors, '
                             f'e.g. {bad[0]}); the run diverged before this checkpoint')
-    net = model.build(dict(ckpt['model_kwargs'], dropout=0.0))
-    net.load_state_dict(state)
     if data_info(ckpt)[1]:
         latents.get_vae(latent_stats(ckpt)['vae'], device)          # a latent model's decoder: fail before sampling
     return net.eval().requires_grad_(False).to(device), ckpt
@@ -70,6 +69,9 @@ def check_args(args, ckpt):
         if args.sampler == 'consistency' or args.ts or args.steps != 1:
             raise cli.UserError('a teacher samples with EDM Heun (--heun-steps N, 2N - 1 NFE); --steps, --ts and '
                                 '--sampler consistency are for sCD/sCT checkpoints')
+    if args.sampler == 'heun' and args.ts:
+        raise cli.UserError('--sampler heun solves the ODE on its own --heun-steps grid; --ts and --sigmas are for the '
+                            'consistency sampler')
     if ckpt['method'] == 'teacher' or args.sampler == 'heun':
         if args.heun_steps < 2:
             raise cli.UserError(f'--heun-steps {args.heun_steps}: Heun needs at least 2 steps (18 = 35 NFE)')

@@ -756,9 +756,8 @@ def test_unet_attention_is_edm2s_over_pixels(tmp_path):
     assert model.build(old).enc['8x8_block0'].attention_axis == 'channels'
     assert model.build(dict(old, attention_axis='pixels')).enc['8x8_block0'].attention_axis == 'pixels'
     import train_util                                # a student keeps its teacher's layout, so it starts as it
-    torch.save(dict(model_kwargs=old), tmp_path / 'old.pt')
-    torch.save(dict(model_kwargs=dict(old, attention_axis='pixels')), tmp_path / 'new.pt')
-    assert [train_util._teacher_attention_axis(p) for p in (tmp_path / 'old.pt', tmp_path / 'new.pt', None)] == \
+    files = (dict(model_kwargs=old), dict(model_kwargs=dict(old, attention_axis='pixels')), None)
+    assert [train_util.teacher_attention_axis(f) for f in files] == \
         ['channels', 'pixels', 'pixels']
 
 
@@ -1793,7 +1792,7 @@ def test_edm_pickles_load_as_data_and_anything_else_is_refused(image_folder, tmp
         edm_pickle.load(tmp_path / 'evil.pkl')
     assert not marker.exists()
     _edm_pickle(tmp_path / 'ncsn.pkl', edm, dict(song, embedding_type='fourier'))
-    with pytest.raises(cli.UserError, match="embedding_type=fourier.*not ADM"):
+    with pytest.raises(cli.UserError, match="embedding_type=fourier.*not NCSN"):
         edm_pickle.convert(edm_pickle.load(tmp_path / 'ncsn.pkl')['ema'])
     _edm_pickle(tmp_path / 'vp.pkl', edm, song, precond='VPPrecond')
     with pytest.raises(cli.UserError, match='VPPrecond, not EDMPrecond'):
@@ -1836,12 +1835,12 @@ def test_an_edm2_teacher_refits_and_teaches(image_folder, tmp_path):
                 attn_resolutions=[8], channels_per_head=8)
     _edm_pickle(tmp_path / 'edm2.pkl', edm2, unet, precond='Precond', child=('unet', 'UNet'))
     net = model.build(dict(model.UNET_PRESETS['tiny'], arch='unet', attention_axis='pixels'))
-    ck.init_from_edm2(net, tmp_path / 'edm2.pkl')
+    ck.init_from_edm2(net, ck.read_edm2_init(tmp_path / 'edm2.pkl'), tmp_path / 'edm2.pkl')
     for k, v in net.state_dict().items():
         assert k == 'emb_time.freqs' or torch.equal(v, -edm2[k] if k == 'out_gain' else edm2[k]), k
     with pytest.raises(cli.UserError, match="another U-Net than --model's"):
         ck.init_from_edm2(model.build(dict(model.UNET_PRESETS['tiny'], arch='unet', model_channels=16)),
-                          tmp_path / 'edm2.pkl')
+                          ck.read_edm2_init(tmp_path / 'edm2.pkl'), tmp_path / 'edm2.pkl')
     common = ['--preset', 'fashion-s', '--data', image_folder, *TINY]
     run_script('train_teacher.py', '--preset', 'fashion-s', '--data', image_folder, *TINY[:-2], '--init',
                tmp_path / 'edm2.pkl', '--out', tmp_path / 'refit', '--steps', 2, '--label-dropout', 0)
@@ -2533,3 +2532,215 @@ def test_plot_curve_and_tmid_from_reproduce_outputs(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['curve.png', 'curve.txt', 'tmid.png', 'tmid.txt']
     with pytest.raises(SystemExit, match='error: cannot read'):
         plot.tmid(str(tmp_path / 'missing.txt'), str(tmp_path / 'curve.txt'), str(tmp_path / 'x.png'))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files a user hands us (issue 31): no code runs, no crash, no hang, no memory blow-up, no silent corruption, and
+# every refusal is one `error:` line with exit 2, before any work (no run folder, no output file).
+
+def refused(script, *args, match, env=None, forbid=(), seconds=90, mb=1000):
+    """Run script on a hostile input: exit 2, stderr exactly one line, an `error:` line holding `match`, within
+    `seconds` and `mb` MB of peak memory (ru_maxrss of this child alone), and none of the paths in `forbid` exists."""
+    import tempfile
+    import threading
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore', **(env or {}))
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
+        t0 = time.time()
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], stdout=out, stderr=err,
+                             cwd=ROOT, env=env)
+        killer = threading.Timer(seconds, p.kill)
+        killer.start()
+        _, status, usage = os.wait4(p.pid, 0)
+        killer.cancel()
+        p.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        out.seek(0)
+        stderr, stdout = err.read().decode(errors='replace'), out.read().decode(errors='replace')
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert p.returncode == 2, (script, args, p.returncode, stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith('error:') and match in lines[0], lines
+    assert time.time() - t0 < seconds and usage.ru_maxrss / 1024 < mb, (time.time() - t0, usage.ru_maxrss / 1024)
+    for path in forbid:
+        assert not os.path.exists(path), path
+    return lines[0], stdout
+
+
+def _pickle_file(path, obj, protocol=2):
+    with open(path, 'wb') as f:
+        pickle.dump(obj, f, protocol=protocol)
+    return path
+
+
+class _ForgedDType:
+    """numpy.dtype('f4') whose BUILD state makes it a structured dtype with forged flags (0x3f: 'holds objects'):
+    numpy's own __setstate__ then reads the array's bytes as object pointers (a segfault in the unpickler of old)."""
+
+    def __reduce__(self):
+        return np.dtype, ('f4', False, True), (3, '|', None, ('a',), {'a': (np.dtype('f8'), 0)}, 8, 1, 0x3f)
+
+
+class _ScriptRuns(torch.nn.Module):
+    """A TorchScript module whose __setstate__ (run by torch.jit.load) prints a marker: code a weights file carries."""
+
+    def __init__(self):
+        super().__init__()
+        self.tag = 'x'
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.tag, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]):
+        self.tag, self.training = state[0], state[1]
+        print('THE-ARCHIVE-RAN-CODE')
+
+
+def test_inception_weights_never_run_code(image_folder, tmp_path):
+    """A TorchScript archive as the Inception weights (by --inception, or under the TorchScript's own file name in
+    $SCM_DATA/inception/) is refused unread: its __setstate__ never runs, no statistics are written. The control:
+    torch.jit.load of the same file does run it."""
+    outer = torch.nn.Module()
+    outer.inner = _ScriptRuns()
+    evil = tmp_path / 'data' / 'inception' / inception.TORCHSCRIPT_NAME
+    evil.parent.mkdir(parents=True)
+    torch.jit.save(torch.jit.script(outer), evil)
+    control = subprocess.run([sys.executable, '-c', f'import torch; torch.jit.load({str(evil)!r})'],
+                             capture_output=True, text=True)
+    assert 'THE-ARCHIVE-RAN-CODE' in control.stdout                   # what loading it the old way did
+    for args, env in [(['--inception', evil], None), ([], dict(SCM_DATA=str(tmp_path / 'data')))]:
+        _, stdout = refused('fid.py', 'stats', image_folder, '--out', tmp_path / 's.npz', *args, env=env,
+                            match='refused unread', forbid=[tmp_path / 's.npz'])
+        assert 'THE-ARCHIVE-RAN-CODE' not in stdout
+    with pytest.raises(inception.WeightsError, match='refused unread'):
+        inception.load_inception(evil)
+
+
+def _scd(image_folder, out, *args):
+    return ['--preset', 'fashion-s', '--data', image_folder, *TINY, '--out', out, '--steps', 1, *args]
+
+
+def test_foreign_pickles_are_plain_data_or_one_line(image_folder, tmp_path):
+    """EDM/EDM2 pickles and CIFAR-10 batches through safe_pickle: a dtype with forged flags (a segfault before), a
+    graph of modules sharing a node at each of 16 levels (2^16 paths; 2^64 at 64 levels before) and a cycle (a
+    RecursionError), lists nested 200 deep, a 9-byte memo bomb (2.4 GB in the C unpickler), an object array, a protocol-5
+    bytearray: each one `error:` line, no run folder, within seconds and 1 GB."""
+    import safe_pickle
+    out = tmp_path / 'run'
+    chain = torch.nn.ModuleDict()
+    for _ in range(16):                                  # 2^16 paths to the leaf, 16 modules in the file
+        node = torch.nn.ModuleDict()
+        node._modules.update(a=chain, b=chain)
+        chain = node
+    cycle = torch.nn.ModuleDict()
+    cycle._modules['me'] = cycle
+    deep = []
+    for _ in range(200):
+        deep = [deep]
+    cases = {
+        'deep.pkl': (dict(ema=deep), 'nested more than'),
+        'dtype.pkl': (dict(ema=_ForgedDType()), "not a plain numeric dtype's"),
+        'dag.pkl': (dict(ema=chain), 'reached twice'),
+        'cycle.pkl': (dict(ema=cycle), 'reached twice'),
+        'objects.pkl': (dict(ema=np.array([object(), 1], dtype=object)), 'only plain numeric dtypes'),
+    }
+    for name, (obj, match) in cases.items():
+        try:
+            _pickle_file(tmp_path / name, obj, protocol=4)
+        except (pickle.PicklingError, TypeError):
+            obj = dict(ema=np.array([1.5, 1], dtype=object))            # object() itself does not pickle
+            _pickle_file(tmp_path / name, obj)
+        refused('train_scd.py', *_scd(image_folder, out, '--s-max', 1, '--teacher', tmp_path / name), match=match,
+                forbid=[out])
+    (tmp_path / 'memo.pkl').write_bytes(b'\x80\x02Nr\xf0\xff\xff\xff.')   # LONG_BINPUT 4294967280: 9 bytes
+    refused('train_scd.py', *_scd(image_folder, out, '--s-max', 1, '--teacher', tmp_path / 'memo.pkl'),
+            match='memo index', forbid=[out], mb=600)
+    (tmp_path / 'ba.pkl').write_bytes(b'\x80\x05\x96' + (2 ** 40).to_bytes(8, 'little') + b'.')
+    with pytest.raises(safe_pickle.ReadError, match='bytearray'):
+        safe_pickle.read_pickle_file(tmp_path / 'ba.pkl', 'x', {})
+    refused('train_teacher.py', '--preset', 'fashion-s', '--data', image_folder, *TINY[:-2], '--out', out,
+            '--init', tmp_path / 'dag.pkl', match='reached twice', forbid=[out])
+    # CIFAR-10 batches: the forged dtype, a list, strings for labels: one line each, in process and on the CLI
+    import tarfile
+    for name, batch in [('dtype', {b'data': _ForgedDType(), b'labels': [0]}), ('list', [1, 2, 3]),
+                        ('labels', {b'data': np.zeros((2, 3072), np.uint8), b'labels': ['a', 'b']})]:
+        folder = tmp_path / f'cifar-{name}'
+        folder.mkdir()
+        raw = pickle.dumps(batch, protocol=2)
+        with tarfile.open(folder / 'cifar-10-python.tar.gz', 'w:gz') as tar:
+            for member in ['test_batch'] + [f'data_batch_{k}' for k in range(1, 6)]:
+                info = tarfile.TarInfo(f'cifar-10-batches-py/{member}')
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+        with pytest.raises(data.DataError, match='cifar-10-batches-py'):
+            data.load_dataset('cifar10', str(folder), 'test', download=False)
+        refused('train_teacher.py', '--preset', 'fashion-s', '--data', 'cifar10', '--data-dir', folder, *TINY[:-2],
+                '--out', out, match='cifar-10-batches-py', forbid=[out])
+
+
+def _flip(src, dst, member_suffix, nbytes=4096):
+    """Copy a torch.save zip with nbytes flipped inside the record whose name ends with member_suffix."""
+    raw = bytearray(open(src, 'rb').read())
+    with zipfile.ZipFile(src) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member_suffix))
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    n = min(nbytes, info.file_size)
+    raw[start:start + n] = bytes(b ^ 0xff for b in raw[start:start + n])
+    open(dst, 'wb').write(bytes(raw))
+
+
+def test_corrupted_and_malformed_checkpoints_get_one_line(image_folder, tiny_teacher, tmp_path):
+    """A checkpoint with 4 KB flipped inside a tensor (torch.load reads it silently) is refused by its CRC on every
+    entry point; a stride-0 EMA tensor standing for 34 GB, model_kwargs of a 5B network with tiny weights, EMA
+    weights of ints or a list, an unknown arch, keyword or method, a tensor of the wrong shape: one line each,
+    nothing allocated beyond the file's size, no output."""
+    shipped = os.path.join(ROOT, 'checkpoints', 'teacher-fashion-s.pt')
+    with zipfile.ZipFile(shipped) as z:
+        big = max((i for i in z.infolist() if '/data/' in i.filename), key=lambda i: i.file_size).filename
+    _flip(shipped, tmp_path / 'flipped.pt', big)
+    assert torch.load(tmp_path / 'flipped.pt', weights_only=True)['ema']          # what torch alone does: loads
+    out = tmp_path / 'run'
+    for script, args in [('sample.py', [tmp_path / 'flipped.pt', '--grid', tmp_path / 'g.png']),
+                         ('checkpoint.py', ['export', tmp_path / 'flipped.pt', tmp_path / 'e.pt']),
+                         ('train_sct.py', ['--preset', 'fashion-s', '--data', image_folder, '--out', out, '--steps', 1,
+                                           '--teacher', tmp_path / 'flipped.pt']),
+                         ('train_scd.py', _scd(image_folder, out, '--s-max', 1, '--teacher', tiny_teacher,
+                                               '--student', tmp_path / 'flipped.pt'))]:
+        refused(script, *args, match='CRC', forbid=[out, tmp_path / 'g.png', tmp_path / 'e.pt'])
+    good = _ckpt(tiny_teacher)
+    kw = good['model_kwargs']
+    first = next(iter(good['ema']))
+    bad = {
+        'stride0': (dict(good, ema=dict(good['ema'], **{first: torch.zeros(1).expand(2 ** 33)})), 'overlap'),
+        'huge': (dict(good, model_kwargs=dict(kw, model_channels=60000)), 'over the limit'),
+        'ints': (dict(good, ema={k: v.long() for k, v in good['ema'].items()}), 'floating-point tensors'),
+        'list': (dict(good, ema=list(good['ema'].values())), 'floating-point tensors'),
+        'arch': (dict(good, model_kwargs=dict(kw, arch='mlp')), 'model_kwargs'),
+        'keyword': (dict(good, model_kwargs=dict(kw, wings=2)), 'build no network'),
+        'method': (dict(good, method='gan'), "method 'gan'"),
+        'shape': (dict(good, ema=dict(good['ema'], **{first: torch.zeros(3, 3)})), 'do not fit'),
+    }
+    for name, (ckpt, match) in bad.items():
+        torch.save(ckpt, tmp_path / f'{name}.pt')
+        refused('sample.py', tmp_path / f'{name}.pt', '--grid', tmp_path / 'g.png', match=match,
+                forbid=[tmp_path / 'g.png'])
+        refused('train_scd.py', *_scd(image_folder, out, '--s-max', 1, '--teacher', tmp_path / f'{name}.pt'),
+                match=match, forbid=[out])
+
+
+def test_flags_that_would_be_ignored_or_wrong_get_one_line(image_folder, tiny_teacher, tmp_path):
+    """--vsd negative or not finite; --guide-net that --s-max 1 would ignore; sample.py --sigmas with the Heun
+    sampler (it would ignore them): one line each, before any run folder or output exists."""
+    out = tmp_path / 'run'
+    for v in ('-1', 'nan', 'inf'):
+        refused('train_scd.py', *_scd(image_folder, out, '--s-max', 1, '--teacher', tiny_teacher, '--vsd', v),
+                match='--vsd', forbid=[out])
+    refused('train_scd.py', *_scd(image_folder, out, '--s-max', 1, '--teacher', tiny_teacher, '--guide-net',
+                                  tiny_teacher), match='--guide-net', forbid=[out])
+    student = tmp_path / 'student'
+    run_script('train_scd.py', *_scd(image_folder, student, '--s-max', 1, '--teacher', tiny_teacher))
+    refused('sample.py', student / 'checkpoint.pt', '--sigmas', 80, 1, '--sampler', 'heun', '--grid',
+            tmp_path / 'g.png', match='--sampler heun', forbid=[tmp_path / 'g.png'])

@@ -12,6 +12,7 @@ dsCD baseline (App. E) with the same improvements instead; --recipe cd2023 train
 import argparse
 import copy
 import json
+import math
 import os
 
 import torch
@@ -175,6 +176,15 @@ def main():
                             'unconditional pickle), or pass --s-max 1')
     if args.vsd and (args.discrete or args.two_pass):
         raise cli.UserError('--vsd adds to sCD in continuous time, one pass: drop --discrete and --two-pass')
+    if args.vsd is not None and not (math.isfinite(args.vsd) and args.vsd >= 0):
+        raise cli.UserError(f'--vsd {args.vsd}: lambda_VSD must be finite and >= 0 (Table 5: 1.0; 0 = sCD alone)')
+    if args.guide_net and args.s_max <= 1:
+        raise cli.UserError('--guide-net guides at CFG scales s > 1, and --s-max 1 never guides: raise --s-max or drop '
+                            '--guide-net')
+    # Every file the run reads, read and checked before any work: the teacher, a student to continue, a guide.
+    teacher_file = ck.read_teacher(args.teacher)
+    student_file = args.student and ck.read_teacher(args.student, ('scd', 'teacher'))
+    guide_file = args.guide_net and ck.read_teacher(args.guide_net)
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process.
@@ -193,7 +203,7 @@ def main():
     # Data: micro-batches of batch_gpu per process, accum of them per step.
     dataset = tu.load_data_all_ranks(args, rank, world)
     batch_gpu, accum = tu.micro_batches(args, world, len(dataset))
-    model_kwargs = dict(tu.model_kwargs_for(args, dataset), cfg_embed=args.s_max > 1)
+    model_kwargs = dict(tu.model_kwargs_for(args, dataset, teacher_file), cfg_embed=args.s_max > 1)
     if args.s_max > 1 and not model_kwargs['label_dim']:
         raise cli.UserError('--s-max > 1 needs a class-conditional model; pass --s-max 1')
     grid = tf.discrete_times(args.discrete) if args.discrete else None            # dsCD's N-step grid (App. E)
@@ -204,9 +214,9 @@ def main():
     net = model.build(model_kwargs).to(device)
     wnet = tf.AdaptiveWeight().to(device)
     # A --student of another time path than the teacher's (EDM2's, re-fitted) needs only the data's shape to agree.
-    teacher = ck.load_teacher(args.teacher, model_kwargs, same_architecture=not args.student).to(device)
-    ck.start_from(net, ck.load_teacher(args.student, model_kwargs, ('scd', 'teacher')) if args.student else teacher)
-    guide = args.guide_net and ck.load_teacher(args.guide_net, model_kwargs, same_architecture=False).to(device)
+    teacher = ck.load_teacher(teacher_file, model_kwargs, same_architecture=not args.student).to(device)
+    ck.start_from(net, ck.load_teacher(student_file, model_kwargs) if args.student else teacher)
+    guide = args.guide_net and ck.load_teacher(guide_file, model_kwargs, same_architecture=False).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     # A recipe's target theta-: an EMA of theta (CM 2023), or theta itself when mu0 = 0.
     target = copy.deepcopy(net).requires_grad_(False) if args.recipe != 'scm' and args.mu0 > 0 else None

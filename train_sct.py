@@ -109,6 +109,7 @@ def main():
     train_args.add_cm_args(p)
     train_args.add_recipe_args(p, RECIPES)
     args = train_args.parse_args(p, PRESETS, RECIPES)
+    teacher_file = ck.read_teacher(args.teacher)          # read and checked before any work
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process.
@@ -127,7 +128,7 @@ def main():
     # Data: micro-batches of batch_gpu per process, accum of them per step.
     dataset = tu.load_data_all_ranks(args, rank, world)
     batch_gpu, accum = tu.micro_batches(args, world, len(dataset))
-    model_kwargs = tu.model_kwargs_for(args, dataset)
+    model_kwargs = tu.model_kwargs_for(args, dataset, teacher_file)
     grid = tf.discrete_times(args.discrete) if args.discrete else None            # an N-step grid (App. E)
 
     # Networks: sCT too starts from the teacher's EMA (App. G.2), which it then no longer needs.
@@ -135,7 +136,7 @@ def main():
     torch.manual_seed(args.seed)
     net = model.build(model_kwargs).to(device)
     wnet = tf.AdaptiveWeight().to(device)
-    teacher = ck.load_teacher(args.teacher, model_kwargs).to(device)
+    teacher = ck.load_teacher(teacher_file, model_kwargs).to(device)
     ck.start_from(net, teacher)
     del teacher
     ema = copy.deepcopy(net).eval().requires_grad_(False)

@@ -81,6 +81,7 @@ def main():
     p.add_argument('--init', help="start from an EDM2 pickle's U-Net with the paper's time path, to re-fit it "
                    '(then the student of an EDM2 teacher: train_scd.py --student)')
     args = train_args.parse_args(p, PRESETS)
+    init = args.init and ck.read_edm2_init(args.init)     # read and checked before any work
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
     # DDP: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` runs one process.
@@ -105,7 +106,7 @@ def main():
     torch.manual_seed(args.seed)
     net = model.build(model_kwargs).to(device)
     if args.init:                                         # EDM2's weights, the paper's time path (re-fit here)
-        ck.init_from_edm2(net, args.init)
+        ck.init_from_edm2(net, init, args.init)
     wnet = tf.AdaptiveWeight().to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()))

@@ -59,20 +59,17 @@ def load_data_all_ranks(args, rank, world):
     return dataset
 
 
-def _teacher_attention_axis(path):
-    """'channels' for a U-Net teacher checkpoint from before 2026-12-04, whose attention ran across channels (the bug
-    model._with_defaults describes): its student starts as exactly it only with the same layout. Else 'pixels'."""
-    if not path or str(path).endswith('.pkl') or not os.path.isfile(path):
-        return 'pixels'
-    try:
-        kw = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('model_kwargs', {})
-    except Exception:                                                  # not a checkpoint: load_teacher says so
-        return 'pixels'
+def teacher_attention_axis(teacher):
+    """'channels' for a U-Net teacher (read by checkpoint.read_teacher) from before 2026-12-04, whose attention ran
+    across channels (the bug model._with_defaults describes): its student starts as exactly it only with the same
+    layout. Else 'pixels'."""
+    kw = teacher['model_kwargs'] if teacher else {}
     return model._with_defaults(kw)['attention_axis'] if kw.get('arch') == 'unet' else 'pixels'
 
 
-def model_kwargs_for(args, dataset, dropout_everywhere=False):
-    """Architecture of the run: a U-Net or DiT preset, checked against the data's shape and labels.
+def model_kwargs_for(args, dataset, teacher=None, dropout_everywhere=False):
+    """Architecture of the run: a U-Net or DiT preset, checked against the data's shape and labels. teacher: the
+    file checkpoint.read_teacher read, whose attention layout a U-Net student keeps (teacher_attention_axis).
     dropout_everywhere: dropout in every U-Net block, as EDM2's (the teachers are EDM2 config G, sCM App. G.1);
     else the preset's dropout_res (consistency models: resolutions <= 16 on ImageNet, App. G.2)."""
     C, H, W = dataset.shape
@@ -81,7 +78,7 @@ def model_kwargs_for(args, dataset, dropout_everywhere=False):
         kw = dict(model.UNET_PRESETS.get(args.model) or model.DDPMPP_PRESETS[args.model], arch=arch)
         want = (kw['img_channels'], kw['img_resolution'], kw['img_resolution'])
         if arch == 'unet':        # EDM2's attention over pixels; a student keeps a teacher's from before the fix
-            kw['attention_axis'] = _teacher_attention_axis(getattr(args, 'teacher', None))
+            kw['attention_axis'] = teacher_attention_axis(teacher)
     elif args.model in model.DIT_PRESETS:
         kw = dict(model.DIT_PRESETS[args.model], arch='dit', input_size=H, in_channels=C, patch_size=2,
                   label_dim=dataset.num_classes)
