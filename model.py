@@ -55,14 +55,18 @@ def _has_tangent(x):
 class _NoGradTangent(torch.autograd.Function):
     """y = op(*xs) with op's own backward and the tangent rule(xs, xs_t, y), computed under no_grad.
 
-    forward runs op with autograd enabled on the inputs themselves and keeps only the two ends of that inner graph
-    (gradient edges, which hold no activations); backward differentiates the inner graph from end to end. Tensors
-    are saved exactly as the native op saves them, and none of them carries a tangent."""
+    forward runs op with autograd enabled on a fresh alias of each input (x.view_as(x), free) and keeps only the two
+    ends of that inner graph (gradient edges, which hold no activations); backward differentiates the inner graph from
+    end to end. The aliases make the ends this op's alone: with the inputs' own edges, an input reached from another
+    through the outer graph (mul(h + 1, h), SwiGLU's silu(a) * b) would have that shared path run by the inner
+    backward and again by the outer engine, a wrong gradient with no error. Tensors are saved exactly as the native
+    op saves them, and none of them carries a tangent."""
     generate_vmap_rule = True
 
     @staticmethod
     def forward(op, rule, grad_enabled, *xs):
         with torch.set_grad_enabled(grad_enabled):
+            xs = [x.view_as(x) if _requires_grad(x) else x for x in xs]   # a fresh alias of each: see below
             y = op(*xs)
         ends = _Opaque()           # one leaf for torch.func's pytree handling of the outputs: flattening is not free
         if y.requires_grad:
