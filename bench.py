@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ import time
 import torch
 
 import model
+import onepass
 import trigflow as tf
 
 SIZES = {   # name -> U-Net kwargs (28x28 grayscale like Fashion-MNIST, 32x32 RGB for the bigger one)
@@ -47,18 +49,64 @@ SIZES = {   # name -> U-Net kwargs (28x28 grayscale like Fashion-MNIST, 32x32 RG
 }
 
 
+class StockDiT(torch.nn.Module):
+    """DiT as published (Peebles & Xie 2023, its models.py), written only with stock layers -- nn.Conv2d, nn.Linear,
+    nn.LayerNorm, nn.GELU, nn.SiLU, nn.Embedding, F.scaled_dot_product_attention -- and the paper's time input t: a
+    network a copier brings, unedited, for onepass.OnePass. Returns F(u, t) [B, C, H, W]."""
+
+    def __init__(self, img_resolution=32, img_channels=3, label_dim=10, hidden=384, depth=6, heads=6, patch=2):
+        super().__init__()
+        nn, self.patch, self.heads, self.C = torch.nn, patch, heads, img_channels
+        self.x_embed = nn.Conv2d(img_channels, hidden, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (img_resolution // patch) ** 2, hidden) * 0.02)
+        self.register_buffer('freqs', torch.exp(-math.log(10000) * torch.arange(128) / 128))
+        self.t_embed = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.y_embed = nn.Embedding(label_dim + 1, hidden) if label_dim else None          # the last: the null label
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            blk = nn.Module()
+            blk.norm1, blk.norm2 = (nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6) for _ in range(2))
+            blk.qkv, blk.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+            blk.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(approximate='tanh'),
+                                    nn.Linear(4 * hidden, hidden))
+            blk.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+            self.blocks.append(blk)
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.out = nn.Linear(hidden, patch * patch * img_channels)
+
+    def forward(self, u, t, labels=None):
+        B, _, H, W = u.shape
+        x = self.x_embed(u).flatten(2).transpose(1, 2) + self.pos
+        arg = t.reshape(-1, 1) * self.freqs
+        c = self.t_embed(torch.cat([arg.cos(), arg.sin()], dim=1))
+        if self.y_embed is not None and labels is not None:
+            c = c + self.y_embed(torch.where(labels < 0, self.y_embed.num_embeddings - 1, labels))
+        for blk in self.blocks:
+            s1, g1, a1, s2, g2, a2 = blk.ada(c).unsqueeze(1).chunk(6, dim=2)
+            h = blk.norm1(x) * (1 + a1) + s1
+            q, k, v = blk.qkv(h).reshape(B, -1, 3, self.heads, x.shape[-1] // self.heads).permute(2, 0, 3, 1, 4)
+            h = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
+            x = x + g1 * blk.proj(h)
+            x = x + g2 * blk.mlp(blk.norm2(x) * (1 + a2) + s2)
+        shift, scale = self.ada(c).unsqueeze(1).chunk(2, dim=2)
+        x = self.out(self.norm(x) * (1 + scale) + shift)
+        p, n = self.patch, H // self.patch
+        return x.reshape(B, n, n, p, p, self.C).permute(0, 5, 1, 3, 2, 4).reshape(B, self.C, H, W)
+
+
 @contextlib.contextmanager
 def stock_rules(on=True):
     """Every model.py primitive as the plain op, under PyTorch's own JVP rules: what a network of stock layers gets
     (attention: PyTorch's SDPA, which trigflow restricts to its math path under the JVP)."""
-    primitive = model._primitive
+    primitive = onepass._primitive
     if on:
-        model._primitive = lambda op, rule, *xs: (torch.nn.functional.scaled_dot_product_attention(*xs)
-                                                  if op is model._sdpa else op(*xs))
+        onepass._primitive = model._primitive = lambda op, rule, *xs: (
+            torch.nn.functional.scaled_dot_product_attention(*xs) if op is onepass._sdpa else op(*xs))
     try:
         yield
     finally:
-        model._primitive = primitive
+        onepass._primitive = model._primitive = primitive
 
 
 def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):

@@ -24,146 +24,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
-import torch.autograd.forward_ad as fwAD
-from torch.autograd.graph import get_gradient_edge
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# ---------------------------------------------------------------------------------------------------------------
-# Primitives whose tangent autograd does not record: the one-pass sCM step (trigflow.scm_loss).
-#
-# scm_loss runs the student once under a grad-enabled torch.func.jvp: the primal is F_theta, with its gradient, and
-# the tangent cos(t) sin(t) dF/dt, which Alg. 1 uses under stopgrad. PyTorch evaluates forward-mode rules in grad
-# mode, so a rule that touches a grad-requiring primal (a weight, an activation) is recorded by autograd: conv's
-# rule conv(x_t, w) keeps x_t for w's gradient, and even x * 2 records 0 * x. Nothing ever differentiates those
-# records; they tripled the sCD step's peak memory (bench.py's 'sCD stock' row). So every primitive whose rule
-# touches such a primal goes through _NoGradTangent: its value and its backward are the native op's, its tangent a
-# formula written out below and evaluated under no_grad. Ops whose rule touches no primal need nothing: +, -, cat,
-# views, casts, clip, pooling, repeat, and `mul_scalar` below. Without a tangent (a diffusion step, sampling) each
-# primitive is the plain native op.
-
-
-def _wide(dtype):
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _has_tangent(x):
-    """True inside torch.func transforms (jvp, grad, vmap wrap their tensors) and for forward_ad dual tensors."""
-    return torch.is_tensor(x) and (torch._C._functorch.is_functorch_wrapped_tensor(x) or
-                                   fwAD.unpack_dual(x).tangent is not None)
-
-
-class _NoGradTangent(torch.autograd.Function):
-    """y = op(*xs) with op's own backward and the tangent rule(xs, xs_t, y), computed under no_grad.
-
-    forward runs op with autograd enabled on a fresh alias of each input (x.view_as(x), free) and keeps only the two
-    ends of that inner graph (gradient edges, which hold no activations); backward differentiates the inner graph from
-    end to end. The aliases make the ends this op's alone: with the inputs' own edges, an input reached from another
-    through the outer graph (mul(h + 1, h), SwiGLU's silu(a) * b) would have that shared path run by the inner
-    backward and again by the outer engine, a wrong gradient with no error. Tensors are saved exactly as the native
-    op saves them, and none of them carries a tangent."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(op, rule, grad_enabled, *xs):
-        with torch.set_grad_enabled(grad_enabled):
-            xs = [x.view_as(x) if _requires_grad(x) else x for x in xs]   # a fresh alias of each: see below
-            y = op(*xs)
-        ends = _Opaque()           # one leaf for torch.func's pytree handling of the outputs: flattening is not free
-        if y.requires_grad:
-            ends.value = (get_gradient_edge(y), [get_gradient_edge(x) if _requires_grad(x) else None for x in xs])
-        return y.detach(), ends
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.rule, ctx.ends = inputs[1], output[1].value
-        ctx.save_for_forward(*inputs[3:], output[0])
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(ctx, gy, _):
-        (y_edge, x_edges), ctx.ends = ctx.ends, None
-        grads = iter(torch.autograd.grad(y_edge, [e for e in x_edges if e is not None], gy))
-        return (None, None, None) + tuple(None if e is None else next(grads) for e in x_edges)
-
-    @staticmethod
-    def jvp(ctx, _op_t, _rule_t, _grad_t, *xs_t):
-        xs, y = tuple(ctx.saved_tensors[:-1]), ctx.saved_tensors[-1]
-        ctx.saved_for_forward = None              # the graph keeps ctx alive: do not let it keep xs and y
-        with torch.no_grad():
-            return ctx.rule(xs, xs_t, y).to(y.dtype), None
-
-
-class _Opaque:
-    value = None
-
-
-def _requires_grad(x):
-    return torch.is_tensor(x) and x.requires_grad
-
-
-def _primitive(op, rule, *xs):
-    """op(*xs); under a tangent, through _NoGradTangent with the tangent rule(xs, xs_t, y)."""
-    if not any(_has_tangent(x) for x in xs):
-        return op(*xs)
-    return _NoGradTangent.apply(op, rule, torch.is_grad_enabled(), *xs)[0]
-
-
-def _add(*terms):
-    """The sum of the terms that are not None (an input without a tangent contributes no term); None if all are."""
-    total = None
-    for v in terms:
-        total = v if total is None else total if v is None else total + v
-    return total
-
-
-def mul_scalar(x, c):
-    """x * c for a number c. aten's mul.Scalar, whose tangent rule is x_t * c; Python's `x * c` is mul.Tensor, whose
-    rule x_t * c + 0 * x touches x and is recorded."""
-    return torch.ops.aten.mul.Scalar(x, c)
-
-
-def silu(x):
-    """SiLU x sigmoid(x). Tangent: x_t s (1 + x (1 - s)), s = sigmoid(x): x_t silu'(x), which is what aten's fused
-    silu_backward(grad, x) computes with grad = x_t (one kernel instead of six)."""
-    return _primitive(nnf.silu, _silu_tangent, x)
-
-
-def _silu_tangent(xs, ts, y):
-    return torch.ops.aten.silu_backward(ts[0], xs[0])
-
-
-def gelu(x):
-    """GELU, tanh approximation (DiT). Tangent: x_t (0.5 (1 + h) + 0.5 x (1 - h^2) k (1 + 3a x^2)),
-    h = tanh(k (x + a x^3)), k = sqrt(2/pi), a = 0.044715: x_t gelu'(x), aten's fused gelu_backward(x_t, x)."""
-    return _primitive(_gelu, _gelu_tangent, x)
-
-
-def _gelu(x):
-    return nnf.gelu(x, approximate='tanh')
-
-
-def _gelu_tangent(xs, ts, y):
-    return torch.ops.aten.gelu_backward(ts[0], xs[0], approximate='tanh')
-
-
-def mul(a, b):
-    """a * b, broadcasting. Tangent: a_t b + a b_t."""
-    return _primitive(torch.mul, _mul_tangent, a, b)
-
-
-def _mul_tangent(xs, ts, y):
-    (a, b), (a_t, b_t) = xs, ts
-    if a_t is not None and b_t is not None:
-        return torch.addcmul(a_t * b, a, b_t)
-    return a_t * b if b_t is None else a * b_t
-
-
-def dropout(x, p, training):
-    """nnf.dropout as x * mask, the mask drawn as nnf.dropout draws it (PyTorch's rule for dropout records 0 * x)."""
-    if not training or p == 0:
-        return x
-    return mul(x, nnf.dropout(torch.ones_like(x), p, True))
-
+# The one-pass primitives and their tangent rules (onepass.py), under the names the networks below use.
+from onepass import (_primitive, _wide, affine, attention, dropout, gelu, group_norm, layer_norm, mul,  # noqa: F401
+                     mul_scalar, silu)
 
 # Magnitude-preserving primitives (EDM2: Karras et al., "Analyzing and Improving the Training Dynamics of
 # Diffusion Models", CVPR 2024). Statistics are taken in at least fp32, so fp64 stays fp64 in the tests.
@@ -212,41 +76,6 @@ def _pnorm_tangent(xs, ts, eps):
     return r * (v_t - v * r ** 2 * (v * v_t).mean(1, keepdim=True))
 
 
-def _standardized_tangent(x, x_t, eps):
-    """For y = (x - mean x) / sigma over the last dim, sigma = sqrt(var x + eps): (y, y_t) with
-    y_t = (x_c - y mean(y x_c)) / sigma, x_c = x_t - mean x_t. In fp32 or wider."""
-    x, x_t = x.to(_wide(x.dtype)), x_t.to(_wide(x.dtype))
-    sigma = (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
-    y = (x - x.mean(-1, keepdim=True)) / sigma
-    x_c = x_t - x_t.mean(-1, keepdim=True)
-    return y, (x_c - y * (y * x_c).mean(-1, keepdim=True)) / sigma
-
-
-def layer_norm(x, eps=1e-6):
-    """LayerNorm over the last dim without an affine map (DiT's). Tangent: _standardized_tangent."""
-    return _primitive(lambda x: nnf.layer_norm(x, x.shape[-1:], eps=eps),
-                      lambda xs, ts, y: _standardized_tangent(xs[0], ts[0], eps)[1], x)
-
-
-def group_norm(x, gn):
-    """nn.GroupNorm `gn` computed in fp32 or wider (a bf16 GroupNorm breaks the JVP under autocast), on a contiguous
-    x. Tangent: the standardized tangent per group, times the weight (plus the terms of weight and bias tangents)."""
-    with torch.autocast(x.device.type, enabled=False):
-        xw = x.to(_wide(x.dtype)).contiguous()
-        y = _primitive(lambda x, w, b: nnf.group_norm(x, gn.num_groups, w, b, gn.eps),
-                       lambda xs, ts, y: _group_norm_tangent(xs, ts, gn.num_groups, gn.eps), xw, gn.weight, gn.bias)
-    return y.to(x.dtype)
-
-
-def _group_norm_tangent(xs, ts, groups, eps):
-    (x, w, _), (x_t, w_t, b_t) = xs, ts
-    per_channel = lambda v: v.reshape(1, -1, *([1] * (x.ndim - 2)))
-    y, y_t = _standardized_tangent(x.reshape(x.shape[0], groups, -1), x_t.reshape(x.shape[0], groups, -1), eps)
-    y, y_t = y.reshape(x.shape), y_t.reshape(x.shape)
-    return _add(y_t * per_channel(w), None if w_t is None else y * per_channel(w_t),
-                None if b_t is None else per_channel(b_t).expand_as(y))
-
-
 def mp_silu(x):
     """Magnitude-preserving SiLU (EDM2 Eq. 81)."""
     return mul_scalar(silu(x), 1 / 0.596)
@@ -289,39 +118,6 @@ class PositionalEmbedding(nn.Module):
     def forward(self, c):
         x = c.to(_wide(c.dtype)).reshape(-1, 1) * self.freqs.to(_wide(c.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1) * self.gain
-
-
-def _affine(x, w, b=None, stride=1):
-    """conv2d (+ b) for a 4-D weight: 'same' padding at stride 1, non-overlapping patches at stride > 1 (DiT's patch
-    embedding); x @ w^T + b for a 2-D one."""
-    if w.ndim == 4:
-        return nnf.conv2d(x, w, b, stride=stride, padding=w.shape[-1] // 2 if stride == 1 else 0)
-    return nnf.linear(x, w, b)
-
-
-def affine(x, w, b=None, stride=1):
-    """conv2d / linear (_affine) with its tangent written out: x_t's term, plus the weight's and the bias's when they
-    have tangents. PyTorch's own rules also evaluate op(x, w_t) with a zero w_t when the weight has none -- as
-    under sCM's JVP, where only x_t and t carry tangents -- one more full convolution or matmul per layer (measured
-    on CPU: a conv's JVP cost 2.75 forwards and a linear's 3.4 instead of 2). Under autocast the inputs are cast
-    here, as autocast would cast them for conv2d and linear, so that the value and the tangent share one dtype."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
-    with torch.autocast(dev, enabled=False):
-        if b is None:
-            return _primitive(lambda x, w: _affine(x, w, stride=stride),
-                              lambda xs, ts, y: _affine_tangent(xs + (None,), ts + (None,), stride), x, w)
-        return _primitive(lambda x, w, b: _affine(x, w, b, stride),
-                          lambda xs, ts, y: _affine_tangent(xs, ts, stride, y), x, w, b)
-
-
-def _affine_tangent(xs, ts, stride, y=None):
-    (x, w, _), (x_t, w_t, b_t) = xs, ts
-    return _add(None if x_t is None else _affine(x_t, w, stride=stride),
-                None if w_t is None else _affine(x, w_t, stride=stride),
-                None if b_t is None else (b_t.reshape(-1, 1, 1) if w.ndim == 4 else b_t).expand_as(y))
 
 
 class Linear(nn.Linear):
@@ -368,32 +164,6 @@ class MPConv(nn.Module):
     @torch.no_grad()
     def project_(self):
         self.weight.copy_(normalize(self.weight.to(_wide(self.weight.dtype))))
-
-
-def attention(q, k, v):
-    """softmax(q k^T / sqrt(d)) v over [B, heads, L, d]: fused SDPA, value and backward, also under a tangent. The
-    fused kernels have no forward-mode rule (pytorch #128971), so the tangent is sCM App. F's, with S = q k^T /
-    sqrt(d), P = softmax(S), y = P v:  y_t = (P * S_t) v - rowsum(P * S_t) y + P v_t,  S_t = (q_t k^T + q k_t^T) /
-    sqrt(d), with the softmax in fp32 or wider."""
-    return _primitive(_sdpa, _attention_tangent, q, k, v)
-
-
-_SDPA_ALL = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
-
-
-def _sdpa(q, k, v):
-    with sdpa_kernel(_SDPA_ALL):          # fused where it applies, even inside trigflow's math-only block
-        return nnf.scaled_dot_product_attention(q, k, v)
-
-
-def _attention_tangent(xs, ts, y):
-    (q, k, v), (q_t, k_t, v_t) = xs, ts
-    s = 1 / math.sqrt(q.shape[-1])
-    P = (q @ k.transpose(-2, -1)).to(_wide(q.dtype)).mul(s).softmax(dim=-1)
-    S_t = _add(None if q_t is None else q_t @ k.transpose(-2, -1), None if k_t is None else q @ k_t.transpose(-2, -1))
-    A = None if S_t is None else P * S_t.to(P.dtype) * s                             # P * S_t
-    return _add(None if A is None else A.to(v.dtype) @ v - A.sum(-1, keepdim=True) * y.to(P.dtype),
-                None if v_t is None else P.to(v.dtype) @ v_t)
 
 
 def one_hot(labels, num_classes):

@@ -21,7 +21,6 @@ import checkpoint as ck
 import cli
 import data
 import latents
-import model
 import train_util as tu
 import trigflow as tf
 

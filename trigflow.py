@@ -13,6 +13,7 @@ Notation (sCM §2, App. B):
 A "network" here is any callable F(u, t) -> tensor shaped like u, where t has shape [B]. Close over class labels
 and the CFG scale: F = lambda u, t: net(u, t, labels, s). Per-sample times are tensors [B] throughout.
 """
+import contextlib
 import math
 
 import torch
@@ -164,16 +165,22 @@ class JVP(nn.Module):
     """net(u, t, *args), or with tangents=(u_dot, t_dot) its torch.func.jvp: (F, dF). Under DDP wrap this, not net:
     DDP's own forward logic then runs outside torch.func's transform, where it fails (pytorch #102197), and the
     one-pass step's backward all-reduces the gradients as usual. scm_loss's jvp= is then
-    lambda u, t, tangents: ddp(u, t, labels, tangents=tangents)."""
+    lambda u, t, tangents: ddp(u, t, labels, tangents=tangents). Calling ddp.module instead runs the same step with
+    no gradient all-reduce, silently: always call the DDP module. mode: a context manager class entered around the
+    JVP; onepass.OnePass gives a network of stock layers the one-pass step (model.py's networks need none)."""
 
-    def __init__(self, net):
+    def __init__(self, net, mode=None):
         super().__init__()
-        self.net = net
+        if isinstance(net, nn.parallel.DistributedDataParallel):
+            raise TypeError('trigflow.JVP(ddp): wrap the other way round, DDP(trigflow.JVP(net)); and call the DDP '
+                            'module, not ddp.module, whose gradients no rank would all-reduce')
+        self.net, self.mode = net, mode
 
     def forward(self, u, t, *args, tangents=None):
         if tangents is None:
             return self.net(u, t, *args)
-        return torch.func.jvp(lambda u, t: self.net(u, t, *args), (u, t), tangents)
+        with self.mode() if self.mode else contextlib.nullcontext():
+            return torch.func.jvp(lambda u, t: self.net(u, t, *args), (u, t), tangents)
 
 
 def _tangent(F_minus, cs_dFdt, x_t, t, dxdt, r, sigma_d):
