@@ -1,6 +1,7 @@
 """Cost of sCM training and sampling, side by side on one model and one batch.
 
   python bench.py                       # CPU: two U-Net sizes (0.30M and 15.2M parameters), a few minutes
+  python bench.py --sizes big stock-dit # the 15.2M U-Net and a 16.6M DiT of stock layers (onepass.OnePass)
   python bench.py --device cuda --precision bf16 --batch auto --sizes s            # on a GPU (gpu_check.sh)
 
 For each model size, one optimizer step of each kind, in rotation so that load on a shared machine hits them alike:
@@ -11,6 +12,8 @@ For each model size, one optimizer step of each kind, in rotation so that load o
                  of every public sCM code)
   sCD stock      one pass through the same network with PyTorch's own rules for every op, as a network of stock
                  layers gets: autograd records the tangent (model.py's primitives keep it from doing so)
+  stock-dit      (a size) a 16.6M DiT of stock layers (StockDiT): diffusion, sCD through onepass.OnePass, its two
+                 passes, and 'sCD stock', one pass with PyTorch's own rules: what a copier's own network gets
   sCD+aVSD       sCD plus App. C's adaptive VSD: the student's 1-step samples (a forward with gradient), the teacher
                  and the fake score F_phi at noised samples (no grad), and F_phi's diffusion step (train_scd.py --vsd)
 and sampling: 1 and 2 consistency steps against the teacher's EDM Heun with 18 steps (35 NFE).
@@ -46,6 +49,8 @@ SIZES = {   # name -> U-Net kwargs (28x28 grayscale like Fashion-MNIST, 32x32 RG
     'big': dict(img_resolution=32, img_channels=3, label_dim=10, model_channels=96, channel_mult=(1, 2, 2),
                 num_blocks=2, attn_resolutions=(8,), dropout_res=16),
     's': model.UNET_PRESETS['s'],   # sCM's S: 280M parameters on 64x64x4 SD-VAE latents (ImageNet 512), for a GPU
+    'stock-dit': dict(img_resolution=32, img_channels=3, label_dim=10, hidden=384, depth=6, heads=6),  # StockDiT 16M
+    'stock-dit-tiny': dict(img_resolution=16, img_channels=1, label_dim=10, hidden=32, depth=1, heads=2),  # tests
 }
 
 
@@ -115,6 +120,11 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
         fake = copy.deepcopy(teacher).requires_grad_(True).train()
         fake_opt = torch.optim.Adam(fake.parameters(), lr=1e-4)
 
+    # A network of stock layers (StockDiT) gets the one pass through onepass.OnePass; 'sCD stock' runs it without.
+    one_pass = tf.JVP(net, mode=onepass.OnePass)
+    jvp = (lambda u, t, tg: one_pass(u, t, labels, tangents=tg)) if isinstance(net, StockDiT) and \
+        not kind.endswith('stock') else None
+
     def step():
         B = x0.shape[0]
         t = tf.sample_t(B, -0.8, 1.6, device=x0.device)
@@ -128,7 +138,7 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
                 if kind.startswith('sCD'):
                     with torch.no_grad():
                         dxdt = tf.velocity(lambda u, t: teacher(u, t, labels), x_t, t)
-                loss, _ = tf.scm_loss(F, x_t, t, dxdt, w=wnet(t), two_pass=kind.endswith('2-pass'))
+                loss, _ = tf.scm_loss(F, x_t, t, dxdt, w=wnet(t), two_pass=kind.endswith('2-pass'), jvp=jvp)
                 if kind == 'sCD+aVSD':
                     x_gen = tf.one_step(F, torch.randn_like(x0) * tf.SIGMA_D)
                     F_fake = lambda u, t: fake(u, t, labels)
@@ -152,11 +162,12 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
             if kind == 'forward':
                 net(x_t / tf.SIGMA_D, t, labels)
             else:  # the JVP pass alone: F and its tangent, as in scm_loss
-                tf.scm_tangent(lambda u, t: net(u, t, labels), x_t, t, dxdt)
+                tf.scm_tangent(lambda u, t: net(u, t, labels), x_t, t, dxdt, jvp=jvp)
     return part if kind in PARTS else step
 
 
 KINDS = ('diffusion', 'sCT', 'sCD', 'sCT 2-pass', 'sCD 2-pass', 'sCD stock', 'sCD+aVSD')
+STOCK_KINDS = ('diffusion', 'sCD', 'sCD 2-pass', 'sCD stock')   # stock-dit: sCD through onepass.OnePass
 PARTS = ('forward', 'JVP pass', 'JVP pass, stock')   # timed alongside the steps (no memory measured)
 
 
@@ -173,8 +184,9 @@ def setup(args, size):
     device = torch.device(args.device)
     torch.manual_seed(0)
     kw = SIZES[size]
-    net = model.UNet(**kw).to(device)
-    teacher = model.UNet(**kw).to(device).requires_grad_(False).eval()
+    make = StockDiT if size.startswith('stock-dit') else model.UNet
+    net = make(**kw).to(device)
+    teacher = make(**kw).to(device).requires_grad_(False).eval()
     wnet = tf.AdaptiveWeight().to(device)
     opt = torch.optim.Adam(list(net.parameters()) + list(wnet.parameters()), lr=1e-4)
     x0 = torch.rand(args.batch, kw['img_channels'], kw['img_resolution'], kw['img_resolution'], device=device) * 2 - 1
@@ -246,12 +258,12 @@ def main():
     keep = args.device == 'cpu' and not args.glibc_default
     if keep and any(os.environ.get(k) != v for k, v in KEEP_MEMORY.items()):   # glibc reads them at start: restart
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], dict(os.environ, **KEEP_MEMORY))
-    kinds = list(KINDS)
     print(f'device {args.device} ({torch.get_num_threads()} threads), batch {args.batch}, {args.precision}, '
           f'median of {args.rounds} rounds' + (', glibc keeping freed memory' if keep else ''))
     auto = args.batch == 'auto'
     for size in args.sizes:
         args.batch = largest_batch(args, size) if auto else int(args.batch)
+        kinds = list(STOCK_KINDS if size.startswith('stock-dit') else KINDS)
         device, net, teacher, wnet, opt, x0, labels, amp = setup(args, size)
         n_params = sum(p.numel() for p in net.parameters()) / 1e6
         steps = {k: make_step(k, net, teacher, wnet, opt, x0, labels, amp) for k in kinds + list(PARTS)}
@@ -266,7 +278,7 @@ def main():
                     times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         mem = {k: measure_memory(args, size, k) for k in kinds}
-        print(f'\n{size}: U-Net {n_params:.2f}M parameters, {tuple(x0.shape[1:])}, batch {args.batch}'
+        print(f'\n{size}: {type(net).__name__} {n_params:.2f}M parameters, {tuple(x0.shape[1:])}, batch {args.batch}'
               + (' (the largest that fits)' if auto else ''))
         print(f'  {"step":12s} {"s/step":>8s} {"x diffusion":>12s} {"images/s":>9s} {"peak MB":>9s} {"x diffusion":>12s}')
         for k in kinds:

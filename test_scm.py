@@ -2645,15 +2645,17 @@ def test_offline_demo_quick(tmp_path):
 def test_bench_runs_every_kind():
     """bench.py at a toy size: every row (one pass, two passes, the stock network) with a time and a peak memory,
     under the glibc settings it restarts itself with."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--sizes', 'fashion-s', '--batch', '2',
-                        '--rounds', '1'], env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--sizes', 'fashion-s', 'stock-dit-tiny',
+                        '--batch', '2', '--rounds', '1'], env=dict(os.environ, OMP_NUM_THREADS='1'),
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert 'glibc keeping freed memory' in p.stdout, p.stdout
     import bench
-    for kind in bench.KINDS:
-        row = re.search(rf'^  {re.escape(kind)} +([0-9.]+) +([0-9.]+) +[0-9.]+ +(-?[0-9.]+) ', p.stdout, re.M)
-        assert row and float(row[1]) > 0, (kind, p.stdout)
+    unet, stock = p.stdout.split('stock-dit-tiny: StockDiT')
+    for kinds, out in ((bench.KINDS, unet), (bench.STOCK_KINDS, stock)):
+        for kind in kinds:
+            row = re.search(rf'^  {re.escape(kind)} +([0-9.]+) +([0-9.]+) +[0-9.]+ +(-?[0-9.]+) ', out, re.M)
+            assert row and float(row[1]) > 0, (kind, p.stdout)
 
 
 def test_plot_hero_puts_the_grids_side_by_side(tmp_path):
@@ -2899,3 +2901,38 @@ def test_flags_that_would_be_ignored_or_wrong_get_one_line(image_folder, tiny_te
     run_script('train_scd.py', *_scd(image_folder, student, '--s-max', 1, '--teacher', tiny_teacher))
     refused('sample.py', student / 'checkpoint.pt', '--sigmas', 80, 1, '--sampler', 'heun', '--grid',
             tmp_path / 'g.png', match='--sampler heun', forbid=[tmp_path / 'g.png'])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 33's guard: restructuring the training scripts changes no number.
+
+LOSS_RUNS = {   # method -> the script and flags; every run: fashion-s, batch 8, seed 0, 3 steps, the shipped checkpoints
+    'teacher': ['train_teacher.py', '--preset', 'fashion-s'],
+    'scd': ['train_scd.py', '--preset', 'fashion-s', '--teacher', '{T}'],
+    'scd-vsd': ['train_scd.py', '--preset', 'fashion-s-vsd', '--teacher', '{T}', '--student', '{S}', '--vsd', '1'],
+    'sct': ['train_sct.py', '--preset', 'fashion-s', '--teacher', '{T}'],
+    'dscd': ['train_scd.py', '--preset', 'fashion-s', '--teacher', '{T}', '--discrete', '64'],
+    'cd2023': ['train_scd.py', '--preset', 'fashion-s', '--teacher', '{T}', '--recipe', 'cd2023'],
+    'ct2023': ['train_sct.py', '--preset', 'fashion-s', '--teacher', '{T}', '--recipe', 'ct2023'],
+    'ict': ['train_sct.py', '--preset', 'fashion-s', '--teacher', '{T}', '--recipe', 'ict'],
+}
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, 'fashion-mnist')),
+                    reason=f'no Fashion-MNIST at {SHARED_DATA} (set SCM_DATA)')
+@pytest.mark.parametrize('method', list(LOSS_RUNS))
+def test_first_steps_keep_their_recorded_losses(method, tmp_path):
+    """The first 3 steps of each method (log.jsonl: the loss, its terms, the gradient norms) equal those recorded
+    before the training scripts were restructured (test_scm_losses.json, written by the same runs), to rounding."""
+    ckpts = dict(T=os.path.join(ROOT, 'checkpoints', 'teacher-fashion-s.pt'),
+                 S=os.path.join(ROOT, 'checkpoints', 'scd-fashion-s.pt'))
+    script, *flags = [a.format(**ckpts) for a in LOSS_RUNS[method]]
+    run_script(script, *flags, '--batch', 8, '--steps', 3, '--log-every', 1, '--sample-every', 0, '--seed', 0,
+               '--out', tmp_path / 'run')
+    got = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
+    want = json.load(open(os.path.join(ROOT, 'test_scm_losses.json')))[method]
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        assert set(w) <= set(g), (sorted(w), sorted(g))
+        for k, v in w.items():
+            assert g[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (method, g['step'], k, g[k], v)
