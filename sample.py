@@ -21,7 +21,6 @@ import checkpoint as ck
 import cli
 import data
 import latents
-import train_util as tu
 import trigflow as tf
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,7 +90,7 @@ def data_info(ckpt):
 
 def seeded_randn(seed, indices, shape, device):
     """Standard normal noise of shape [len(indices), *shape], image i drawn from its own generator (seed, i)."""
-    gens = [torch.Generator().manual_seed(tu.step_seed(seed, 0, 0, int(i))) for i in indices]
+    gens = [torch.Generator().manual_seed(ck.step_seed(seed, 0, 0, int(i))) for i in indices]
 
     def randn_like(x):   # later draws (2-step re-noising) continue each image's own generator
         return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)

@@ -1497,9 +1497,28 @@ def test_collectives_are_never_under_rank_0():
                 visit(child, rank0)
         visit(ast.parse(open(os.path.join(ROOT, script)).read()), False)
         names = {n for n, _ in found}
-        assert {'tu.load_data_all_ranks', 'tu.check_step_all_ranks', 'ck.log_record_all_ranks',
-                'ck.run_state_all_ranks', 'tu.report_weights_all_ranks'} <= names, (script, names)
+        assert {'tu.load_data_all_ranks', 'tu.check_step_all_ranks', 'rf.log_record_all_ranks',
+                'rf.run_state_all_ranks', 'tu.report_weights_all_ranks'} <= names, (script, names)
         assert not [n for n, r in found if r], (script, found)
+
+
+def test_sampling_tools_import_no_training_helper():
+    """sample.py, fid.py and edit.py load nothing named train_* (directly or through what they import): reading a
+    checkpoint and the per-step seed live in checkpoint.py, which imports no training helper."""
+    import ast
+    mods = {f[:-3] for f in os.listdir(ROOT) if f.endswith('.py') and not f.startswith('test_')}
+    deps = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(ROOT, m + '.py')).read())
+        deps[m] = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
+            n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    for tool in ('sample', 'fid', 'edit', 'checkpoint'):
+        seen, todo = set(), [tool]
+        while todo:
+            for d in deps[todo.pop()] & mods - seen:
+                seen.add(d)
+                todo.append(d)
+        assert not [m for m in seen if m.startswith('train_') or m == 'run_folder'], (tool, sorted(seen))
 
 
 def test_no_file_imports_one_that_imports_it_back():
@@ -1684,14 +1703,14 @@ def test_checkpoints_carry_their_presets_sampling_defaults():
     """ImageNet teachers sample with Heun, 32 steps (63 NFE) and Table 6's guidance; a guided sCD student with
     Table 6's guidance for 1 and 2 steps; sample.py takes them from the checkpoint unless told otherwise."""
     import argparse
-    import checkpoint
+    import run_folder
     import sample
     import train_scd
     import train_teacher
-    assert checkpoint.sampling_defaults(argparse.Namespace(**train_teacher.PRESETS['s'])) == dict(heun_steps=32, cfg=1.4)
-    assert checkpoint.sampling_defaults(argparse.Namespace(**train_teacher.PRESETS['xl']))['cfg'] == 1.2
-    assert checkpoint.sampling_defaults(argparse.Namespace(**train_scd.PRESETS['s']))['cfg'] == (1.5, 1.4)
-    assert checkpoint.sampling_defaults(argparse.Namespace(**train_teacher.PRESETS['fashion-s'])) == dict(
+    assert run_folder.sampling_defaults(argparse.Namespace(**train_teacher.PRESETS['s'])) == dict(heun_steps=32, cfg=1.4)
+    assert run_folder.sampling_defaults(argparse.Namespace(**train_teacher.PRESETS['xl']))['cfg'] == 1.2
+    assert run_folder.sampling_defaults(argparse.Namespace(**train_scd.PRESETS['s']))['cfg'] == (1.5, 1.4)
+    assert run_folder.sampling_defaults(argparse.Namespace(**train_teacher.PRESETS['fashion-s'])) == dict(
         heun_steps=18, cfg=1.0)
     p = argparse.ArgumentParser()
     sample.add_sampler_args(p)

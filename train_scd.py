@@ -23,6 +23,7 @@ from tqdm import tqdm
 import checkpoint as ck
 import cli
 import model
+import run_folder as rf
 import train_args
 import train_util as tu
 import trigflow as tf
@@ -197,7 +198,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False      # as EDM and EDM2
     tu.note_cpu_precision(args, device, rank)
-    ckpt_path = ck.open_run(args, 'scd', rank)
+    ckpt_path = rf.open_run(args, 'scd', rank)
     log_path = os.path.join(args.out, 'log.jsonl') if rank == 0 else None
 
     # Data: micro-batches of batch_gpu per process, accum of them per step.
@@ -235,9 +236,9 @@ def main():
                        (list(vsd['wvsd'].parameters()) if vsd else []))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
     extra = dict(vsd, **({'target': target} if target is not None else {}))   # further state a checkpoint keeps
-    step, saved_step, window = 0, None, ck.new_window()
+    step, saved_step, window = 0, None, rf.new_window()
     if args.resume:
-        step, window = ck.resume(ckpt_path, 'scd', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path,
+        step, window = rf.resume(ckpt_path, 'scd', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path,
                                  extra=extra)
         saved_step = step
     # Any torchrun run. DDP wraps tf.JVP(net), whose forward runs the JVP: DDP cannot run inside one (trigflow.JVP).
@@ -332,11 +333,11 @@ def main():
             tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
             if target is not None:
                 tu.update_ema(target, net, mu)                               # theta- <- mu theta- + (1 - mu) theta
-            ck.window_add(window, terms)
+            rf.window_add(window, terms)
 
         # Log, sample grid, checkpoint (the grid first: a kill between them redoes both on resume).
         if (step % args.log_every == 0 or step == args.steps) and window['n']:
-            rec = ck.log_record_all_ranks(log_path, step, lr, args.batch, window, device, world,
+            rec = rf.log_record_all_ranks(log_path, step, lr, args.batch, window, device, world,
                                           reset=step % args.log_every == 0)
             bar.set_postfix(loss=f'{rec["loss"]:.4f}', ips=f'{rec["images_per_s"]:.0f}')
         if draw_grids and (step % args.sample_every == 0 or step == args.steps):
@@ -345,7 +346,7 @@ def main():
             tu.save_grids(args.out, step, dataset, {'1step': tf.sample_consistency(F[0], grid_z),
                                                     '2step': tf.sample_consistency(F[1], grid_z, (tf.T_MAX, tf.T_MID))})
         if step % args.ckpt_every == 0 or step == args.steps or stop:
-            state = ck.run_state_all_ranks(step, 'scd', args, model_kwargs, dataset, net, ema, wnet, opt, scaler,
+            state = rf.run_state_all_ranks(step, 'scd', args, model_kwargs, dataset, net, ema, wnet, opt, scaler,
                                            window, device, world, extra=extra)
             if rank == 0:
                 ck.save(ckpt_path, state)

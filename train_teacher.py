@@ -20,6 +20,7 @@ from tqdm import tqdm
 import checkpoint as ck
 import cli
 import model
+import run_folder as rf
 import train_args
 import train_util as tu
 import trigflow as tf
@@ -94,7 +95,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False      # as EDM and EDM2
     tu.note_cpu_precision(args, device, rank)
-    ckpt_path = ck.open_run(args, 'teacher', rank)
+    ckpt_path = rf.open_run(args, 'teacher', rank)
     log_path = os.path.join(args.out, 'log.jsonl') if rank == 0 else None
 
     # Data: micro-batches of batch_gpu per process, accum of them per step.
@@ -111,9 +112,9 @@ def main():
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
-    step, saved_step, window = 0, None, ck.new_window()
+    step, saved_step, window = 0, None, rf.new_window()
     if args.resume:
-        step, window = ck.resume(ckpt_path, 'teacher', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path)
+        step, window = rf.resume(ckpt_path, 'teacher', train_args.run_config(args), net, ema, wnet, opt, scaler, log_path)
         saved_step = step
     ddp_net, ddp_wnet = (DDP(net), DDP(wnet)) if dist.is_initialized() else (net, wnet)   # any torchrun run
     if rank == 0:
@@ -171,11 +172,11 @@ def main():
             if model_kwargs['arch'] == 'unet':
                 model.project_weights_(net)
             tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
-            ck.window_add(window, terms)
+            rf.window_add(window, terms)
 
         # Log, sample grid, checkpoint (the grid first: a kill between them redoes both on resume).
         if (step % args.log_every == 0 or step == args.steps) and window['n']:
-            rec = ck.log_record_all_ranks(log_path, step, lr, args.batch, window, device, world,
+            rec = rf.log_record_all_ranks(log_path, step, lr, args.batch, window, device, world,
                                           reset=step % args.log_every == 0)
             bar.set_postfix(loss=f'{rec["loss"]:.4f}', ips=f'{rec["images_per_s"]:.0f}')
         if draw_grids and (step % args.sample_every == 0 or step == args.steps):
@@ -185,7 +186,7 @@ def main():
             nfe = 2 * args.sample_heun_steps - 1
             tu.save_grids(args.out, step, dataset, {f'heun{nfe}': tf.sample_heun(F, grid_z, args.sample_heun_steps)})
         if step % args.ckpt_every == 0 or step == args.steps or stop:
-            state = ck.run_state_all_ranks(step, 'teacher', args, model_kwargs, dataset, net, ema, wnet, opt, scaler,
+            state = rf.run_state_all_ranks(step, 'teacher', args, model_kwargs, dataset, net, ema, wnet, opt, scaler,
                                            window, device, world)
             if rank == 0:
                 ck.save(ckpt_path, state)

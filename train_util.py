@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import cli
+from checkpoint import step_seed
 import data
 import latents
 import model
@@ -104,12 +105,6 @@ def model_kwargs_for(args, dataset, teacher=None, dropout_everywhere=False):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Seeds and the data stream: a function of (seed, step, rank), so resuming repeats it exactly.
-
-
-def step_seed(seed, step, micro, rank):
-    """A distinct 63-bit seed for every (run seed, step, micro-batch, rank)."""
-    h = hashlib.sha256(f'{seed}/{step}/{micro}/{rank}'.encode()).digest()
-    return int.from_bytes(h[:8], 'little') & ((1 << 63) - 1)
 
 
 def batch_indices(n, batch_gpu, rank, world, seed, micro):
