@@ -199,7 +199,8 @@ def run(steps=STEPS, seed=0, quick=False, out=None, adaptive_weight=ADAPTIVE_WEI
     gen = torch.Generator().manual_seed(seed + 1000)                            # evaluation draws, apart from training
     ref = sample_data(n_eval, gen)                                               # stands for the true distribution
     z = torch.randn(n_eval, 2, generator=gen) * SIGMA_D                          # x_{t_max}, shared by all samplers
-    renoise = lambda x: torch.randn(x.shape, generator=gen)                      # the 2-step sampler's fresh noise
+    def renoise(x):                                                              # the 2-step sampler's fresh noise
+        return torch.randn(x.shape, generator=gen)
     samples = {'data': sample_data(n_eval, gen),
                'teacher ODE (35 NFE)': tf.sample_heun(F_teacher, z, 18)}        # EDM Heun, 18 steps (App. G.1)
     for method in ('sCD', 'sCT'):                                                # 1 and 2 steps (§5.2): 1 and 2 NFE

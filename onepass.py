@@ -186,7 +186,8 @@ def group_norm(x, gn):
 
 def _group_norm_tangent(xs, ts, groups, eps):
     (x, w, _), (x_t, w_t, b_t) = xs, ts
-    per_channel = lambda v: v.reshape(1, -1, *([1] * (x.ndim - 2)))
+    def per_channel(v):
+        return v.reshape(1, -1, *([1] * (x.ndim - 2)))
     y, y_t = _standardized_tangent(x.reshape(x.shape[0], groups, -1), x_t.reshape(x.shape[0], groups, -1), eps)
     y, y_t = y.reshape(x.shape), y_t.reshape(x.shape)
     return _add(y_t if w is None else y_t * per_channel(w), None if w_t is None else y * per_channel(w_t),
@@ -278,7 +279,9 @@ def _linear_in_each(func, args, kwargs, channel_dim):
     """linear, conv*, conv_transpose*: func(x, w, b, *rest). Tangent func(x_t, w) + func(x, w_t) + b_t."""
     x, w, b = args[0], args[1], _arg(args, kwargs, 2, 'bias')
     rest, kw = args[3:], {k: v for k, v in kwargs.items() if k != 'bias'}
-    lin = lambda x, w: func(x, w, None, *rest, **kw)                                          # noqa: E731
+
+    def lin(x, w):
+        return func(x, w, None, *rest, **kw)
 
     def rule(xs, ts, y):
         return _add(None if ts[0] is None else lin(ts[0], xs[1]), None if ts[1] is None else lin(xs[0], ts[1]),

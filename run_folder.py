@@ -87,7 +87,12 @@ def resume(path, method, config, net, ema, wnet, opt, scaler, log_path=None, ext
         raise UserError(f'{path} was written by another configuration: ' + ', '.join(what))
     for module, key in ((net, 'net'), (ema, 'ema'), (wnet, 'wnet'), (opt, 'opt'), (scaler, 'scaler'),
                         *((m, k) for k, m in (extra or {}).items())):      # extra: sCD + aVSD's F_phi, ...
-        module.load_state_dict(ckpt[key])
+        try:
+            module.load_state_dict(ckpt[key])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UserError(f'{path}: its {key!r} does not fit this run ({type(e).__name__}: {str(e)[:100]}); an '
+                            f'sCD + aVSD run written before F_phi joined the one optimizer cannot resume: start '
+                            f'it again from its --student') from None
     if log_path and os.path.exists(log_path):
         keep = []
         with open(log_path) as f:

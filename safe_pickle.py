@@ -166,10 +166,13 @@ def storage_from(raw, dtype, numel):
     return Storage(torch.frombuffer(bytearray(raw), dtype=dtype) if numel else torch.empty(0, dtype=dtype))
 
 
+def _sizes(v):
+    return isinstance(v, (tuple, list, torch.Size)) and all(isinstance(n, int) and n >= 0 for n in v)
+
+
 def rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     """torch._utils._rebuild_tensor_v2, dense views only: every element at its own place inside the storage."""
-    ints = lambda v: isinstance(v, (tuple, list, torch.Size)) and all(isinstance(n, int) and n >= 0 for n in v)  # noqa
-    if not isinstance(storage, Storage) or not isinstance(offset, int) or not ints(size) or not ints(stride) \
+    if not isinstance(storage, Storage) or not isinstance(offset, int) or not _sizes(size) or not _sizes(stride) \
             or len(size) != len(stride):
         raise ReadError('a tensor record that is not (storage, offset, size, stride)')
     check_dense(tuple(size), tuple(stride), offset, storage.flat.numel())

@@ -1521,6 +1521,30 @@ def test_sampling_tools_import_no_training_helper():
         assert not [m for m in seen if m.startswith('train_') or m == 'run_folder'], (tool, sorted(seen))
 
 
+METHOD_FLAGS = {'vsd', 'recipe', 'discrete', 'target', 'two_pass', 'grid', 'mu', 'fake', 'init', 'method', 'teacher',
+                'student', 'guide', 'guide_net'}
+
+
+def loop_ifs(source):
+    """(ifs, method ifs) in the training loop of main() (its outermost while/for): every `if` statement and
+    conditional expression, and those whose test reads a name or attribute in METHOD_FLAGS."""
+    import ast
+    main = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == 'main')
+    loop = next(n for n in ast.walk(main) if isinstance(n, (ast.While, ast.For)))
+    ifs = [n for n in ast.walk(loop) if isinstance(n, (ast.If, ast.IfExp))]
+    reads = lambda e: {n.id for n in ast.walk(e) if isinstance(n, ast.Name)} | {                 # noqa: E731
+        n.attr for n in ast.walk(e) if isinstance(n, ast.Attribute)}
+    return len(ifs), sum(1 for n in ifs if reads(n.test) & METHOD_FLAGS)
+
+
+@pytest.mark.parametrize('script', ['train_teacher.py', 'train_sct.py', 'train_scd.py'])
+def test_the_loop_never_asks_which_method_it_runs(script):
+    """Each training script builds its loss before the loop (build_loss / loss_fn): the loop holds at most one `if`
+    whose test reads a method flag (a recipe's target EMA update), as EDM2's training loop holds none."""
+    ifs, method = loop_ifs(open(os.path.join(ROOT, script)).read())
+    assert method <= 1, (script, ifs, method)
+
+
 def test_no_file_imports_one_that_imports_it_back():
     """The project's modules import each other one way only (a function-level import counts too): no cycles."""
     import ast

@@ -152,6 +152,36 @@ def vsd_losses(net, teacher, fake, x0, labels, s, *, wvsd=None, wfake=None, P_vs
     return vsd, fake_loss, dict(terms, fake_loss=fake_loss.detach(), fake_mse=fake_mse.mean())
 
 
+def build_loss(args, net, ddp_net, ddp_wnet, target, teacher, guide, grid, vsd):
+    """loss_fn(x0, labels, step) -> (loss, terms) of one micro-batch, for the method the flags name, built once
+    before the loop (as EDM2's training loop builds its loss): sCD (Alg. 1), dsCD on `grid` (App. E), or CD 2023
+    (--recipe cd2023, on the grid of its schedule at that step); with --vsd, plus lambda_VSD L_VSD for the student
+    and F_phi's own diffusion loss (App. C), one loss of disjoint parameters and one backward."""
+    if args.recipe != 'scm':
+        def cm_loss(x0, labels, step):
+            N = tu.grid_at(args, step)[0]
+            loss, terms = cd_loss(ddp_net, target or net, teacher, x0, labels, tf.cm_grid(N), intervals=args.intervals,
+                                  P_mean=args.P_mean, P_std=args.P_std, metric=args.metric, c=args.huber_c,
+                                  weighting=args.weighting, s_max=args.s_max, guide=guide)
+            return loss, dict(terms, N=torch.tensor(float(N)))
+    else:
+        def cm_loss(x0, labels, step):
+            return scd_loss(ddp_net, teacher, x0, labels, wnet=ddp_wnet, two_pass=args.two_pass, P_mean=args.P_mean,
+                            P_std=args.P_std, r=tf.tangent_warmup(step, args.warmup_steps), s_max=args.s_max,
+                            c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid, guide=guide)
+    if not vsd:
+        return cm_loss
+
+    def cm_and_vsd_loss(x0, labels, step):
+        loss, terms = cm_loss(x0, labels, step)
+        s = 1 + (args.s_max - 1) * torch.rand(len(labels), device=x0.device) if args.s_max > 1 else None
+        loss_vsd, loss_fake, vsd_terms = vsd_losses(net, teacher, vsd['fake'], x0, labels, s, wvsd=vsd['wvsd'],
+                                                    wfake=vsd['wfake'], P_vsd=args.P_vsd, P_fake=args.P_fake,
+                                                    guide=guide)
+        return loss + args.vsd * loss_vsd + loss_fake, dict(terms, **vsd_terms)
+    return cm_and_vsd_loss
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', '--size', dest='preset', choices=sorted(PRESETS), required=True,
@@ -227,13 +257,16 @@ def main():
     if args.vsd:
         vsd = dict(fake=model.build(dict(model_kwargs, cfg_embed=False)).to(device),
                    wvsd=tf.AdaptiveWeight().to(device), wfake=tf.AdaptiveWeight().to(device))
-        shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}
-        if shapes(vsd['fake']) != shapes(teacher):
+        if {k: v.shape for k, v in vsd['fake'].state_dict().items()} != \
+                {k: v.shape for k, v in teacher.state_dict().items()}:
             raise cli.UserError('--vsd: F_phi starts as the teacher, which needs the student\'s architecture')
         vsd['fake'].load_state_dict(teacher.state_dict())
-        vsd['fake_opt'] = tu.optimizer(args, list(vsd['fake'].parameters()) + list(vsd['wfake'].parameters()))
-    opt = tu.optimizer(args, list(net.parameters()) + list(wnet.parameters()) +
-                       (list(vsd['wvsd'].parameters()) if vsd else []))
+    # One optimizer; F_phi (and its w(t)) in a group of its own at the same settings (Table 5: the student's lr), whose
+    # gradient norm is logged apart (fake_grad_norm).
+    opt = tu.optimizer(args, [dict(params=[*net.parameters(), *wnet.parameters(),
+                                           *(vsd['wvsd'].parameters() if vsd else [])], term='grad_norm')] +
+                       ([dict(params=[*vsd['fake'].parameters(), *vsd['wfake'].parameters()],
+                              term='fake_grad_norm')] if vsd else []))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
     extra = dict(vsd, **({'target': target} if target is not None else {}))   # further state a checkpoint keeps
     step, saved_step, window = 0, None, rf.new_window()
@@ -242,8 +275,11 @@ def main():
                                  extra=extra)
         saved_step = step
     # Any torchrun run. DDP wraps tf.JVP(net), whose forward runs the JVP: DDP cannot run inside one (trigflow.JVP).
-    ddp_net, ddp_wnet = (DDP(tf.JVP(net)), DDP(wnet)) if dist.is_initialized() else (tf.JVP(net), wnet)
-    ddp_vsd = {k: DDP(m) if dist.is_initialized() else m for k, m in vsd.items() if k != 'fake_opt'}
+    wrap = DDP if dist.is_initialized() else (lambda m: m)
+    ddp_net, ddp_wnet, ddp_vsd = wrap(tf.JVP(net)), wrap(wnet), {k: wrap(m) for k, m in vsd.items()}
+    projected = [m for m in (net, vsd.get('fake')) if m is not None and model_kwargs['arch'] == 'unet']
+    # The loss of one micro-batch, built once from the flags: the loop below never asks which method it runs.
+    loss_fn = build_loss(args, net, ddp_net, ddp_wnet, target, teacher, guide, grid, ddp_vsd)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, 'config.json'), 'w') as f:
@@ -263,13 +299,6 @@ def main():
         for group in opt.param_groups:
             group['lr'] = lr
         opt.zero_grad(set_to_none=True)
-        if vsd:
-            vsd['fake_opt'].zero_grad(set_to_none=True)
-            for group in vsd['fake_opt'].param_groups:                      # F_phi: the student's lr (Table 5)
-                group['lr'] = lr
-        if args.recipe != 'scm':                                            # the recipe's grid at this step
-            N, mu = tu.grid_at(args, step)
-            ts = tf.cm_grid(N)
 
         # Micro-batches: gradients accumulate, DDP syncs them on the last one only.
         terms = {}
@@ -278,25 +307,7 @@ def main():
             x0, labels = (v.to(device) for v in next(stream))
             with tu.no_sync([ddp_net, ddp_wnet, *ddp_vsd.values()], micro < accum - 1):  # all-reduce in the last only
                 with tu.autocast(device, args.precision):                    # forward and loss; backward outside
-                    if args.recipe != 'scm':                                 # CD 2023
-                        loss, micro_terms = cd_loss(ddp_net, target or net, teacher, x0, labels, ts,
-                                                    intervals=args.intervals, P_mean=args.P_mean, P_std=args.P_std,
-                                                    metric=args.metric, c=args.huber_c, weighting=args.weighting,
-                                                    s_max=args.s_max, guide=guide)
-                        micro_terms['N'] = torch.tensor(float(N))
-                    else:
-                        loss, micro_terms = scd_loss(ddp_net, teacher, x0, labels, wnet=ddp_wnet,
-                                                     two_pass=args.two_pass, P_mean=args.P_mean, P_std=args.P_std,
-                                                     r=tf.tangent_warmup(step, args.warmup_steps), s_max=args.s_max,
-                                                     c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid,
-                                                     guide=guide)
-                    if vsd:                                                  # + lambda_VSD L_VSD; F_phi's own loss
-                        s = 1 + (args.s_max - 1) * torch.rand(len(labels), device=device) if args.s_max > 1 else None
-                        loss_vsd, loss_fake, vsd_terms = vsd_losses(
-                            net, teacher, ddp_vsd['fake'], x0, labels, s, wvsd=ddp_vsd['wvsd'],
-                            wfake=ddp_vsd['wfake'], P_vsd=args.P_vsd, P_fake=args.P_fake, guide=guide)
-                        loss = loss + args.vsd * loss_vsd + loss_fake                # disjoint parameters
-                        micro_terms.update(vsd_terms)
+                    loss, micro_terms = loss_fn(x0, labels, step)
                 scaler.scale(loss / accum).backward()
             for k, v in micro_terms.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
@@ -304,13 +315,7 @@ def main():
         # Non-finite check: stop naming the term, or skip the step (fp16: the GradScaler skips and backs off).
         # All ranks also agree here whether a stop signal came.
         scaler.unscale_(opt)
-        terms['grad_norm'] = tu.grad_norm(opt)
-        if vsd:
-            scaler.unscale_(vsd['fake_opt'])
-            terms['fake_grad_norm'] = tu.grad_norm(vsd['fake_opt'])
-        for k in ('grad_norm', 'fake_grad_norm'):
-            if args.precision == 'fp16' and k in terms and not torch.isfinite(terms[k]):
-                del terms[k]
+        terms.update(tu.grad_norms(opt, drop_nonfinite=args.precision == 'fp16'))
         bad, stop = tu.check_step_all_ranks(terms, device, world)
         if bad and args.on_nonfinite == 'stop':
             raise cli.NonFiniteError(tu.nonfinite_message(step + 1, terms, bad, x0, ckpt_path, saved_step))
@@ -320,19 +325,15 @@ def main():
         # Optimizer step, EDM2's forced weight normalization (EDM2 Eq. 66), EMA.
         if not bad:
             scaler.step(opt)
-            if vsd:
-                scaler.step(vsd['fake_opt'])                                   # one F_phi update per student update
         scaler.update()
         step += 1
         bar.update(1)
         if not bad:
-            if model_kwargs['arch'] == 'unet':
-                model.project_weights_(net)
-                if vsd:
-                    model.project_weights_(vsd['fake'])
+            for m in projected:
+                model.project_weights_(m)
             tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
-            if target is not None:
-                tu.update_ema(target, net, mu)                               # theta- <- mu theta- + (1 - mu) theta
+            if target is not None:                                           # theta- <- mu theta- + (1 - mu) theta
+                tu.update_ema(target, net, tu.grid_at(args, step - 1)[1])
             rf.window_add(window, terms)
 
         # Log, sample grid, checkpoint (the grid first: a kill between them redoes both on resume).

@@ -102,6 +102,25 @@ def ct_loss(net, target, x0, labels, ts, *, intervals, P_mean, P_std, metric, c,
                       metric=metric, c=c, weighting=weighting)
 
 
+def build_loss(args, net, ddp_net, ddp_wnet, target, grid):
+    """loss_fn(x0, labels, step) -> (loss, terms) of one micro-batch, for the method the flags name, built once
+    before the loop (as EDM2's training loop builds its loss): sCT (Alg. 1), its discrete-time form on `grid`
+    (App. E), or CT 2023 / iCT (--recipe, on the grid of its schedule at that step)."""
+    if args.recipe == 'scm':
+        return lambda x0, labels, step: sct_loss(
+            ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean, P_std=args.P_std,
+            r=tf.tangent_warmup(step, args.warmup_steps), c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid,
+            two_pass=args.two_pass)
+
+    def recipe_loss(x0, labels, step):
+        N = tu.grid_at(args, step)[0]
+        loss, terms = ct_loss(ddp_net, target or net, x0, labels, tf.cm_grid(N), intervals=args.intervals,
+                              P_mean=args.P_mean, P_std=args.P_std, metric=args.metric, c=args.huber_c,
+                              weighting=args.weighting)
+        return loss, dict(terms, N=torch.tensor(float(N)))
+    return recipe_loss
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', '--size', dest='preset', choices=sorted(PRESETS), required=True,
@@ -153,6 +172,9 @@ def main():
         saved_step = step
     # Any torchrun run. DDP wraps tf.JVP(net), whose forward runs the JVP: DDP cannot run inside one (trigflow.JVP).
     ddp_net, ddp_wnet = (DDP(tf.JVP(net)), DDP(wnet)) if dist.is_initialized() else (tf.JVP(net), wnet)
+    projected = [net] if model_kwargs['arch'] == 'unet' else []
+    # The loss of one micro-batch, built once from the flags: the loop below never asks which method it runs.
+    loss_fn = build_loss(args, net, ddp_net, ddp_wnet, target, grid)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, 'config.json'), 'w') as f:
@@ -172,9 +194,6 @@ def main():
         for group in opt.param_groups:
             group['lr'] = lr
         opt.zero_grad(set_to_none=True)
-        if args.recipe != 'scm':                                            # the recipe's grid at this step
-            N, mu = tu.grid_at(args, step)
-            ts = tf.cm_grid(N)
 
         # Micro-batches: gradients accumulate, DDP syncs them on the last one only.
         terms = {}
@@ -183,16 +202,7 @@ def main():
             x0, labels = (v.to(device) for v in next(stream))
             with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1):      # all-reduce in the last backward only
                 with tu.autocast(device, args.precision):                    # forward and loss; backward outside
-                    if args.recipe == 'scm':
-                        loss, micro_terms = sct_loss(ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean,
-                                                     P_std=args.P_std, r=tf.tangent_warmup(step, args.warmup_steps),
-                                                     c=args.tangent_c, tangent_norm=args.tangent_norm, grid=grid,
-                                                     two_pass=args.two_pass)
-                    else:                                                    # CT 2023 / iCT
-                        loss, micro_terms = ct_loss(ddp_net, target or net, x0, labels, ts, intervals=args.intervals,
-                                                    P_mean=args.P_mean, P_std=args.P_std, metric=args.metric,
-                                                    c=args.huber_c, weighting=args.weighting)
-                        micro_terms['N'] = torch.tensor(float(N))
+                    loss, micro_terms = loss_fn(x0, labels, step)
                 scaler.scale(loss / accum).backward()
             for k, v in micro_terms.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
@@ -200,9 +210,7 @@ def main():
         # Non-finite check: stop naming the term, or skip the step (fp16: the GradScaler skips and backs off).
         # All ranks also agree here whether a stop signal came.
         scaler.unscale_(opt)
-        terms['grad_norm'] = tu.grad_norm(opt)
-        if args.precision == 'fp16' and not torch.isfinite(terms['grad_norm']):
-            del terms['grad_norm']
+        terms.update(tu.grad_norms(opt, drop_nonfinite=args.precision == 'fp16'))
         bad, stop = tu.check_step_all_ranks(terms, device, world)
         if bad and args.on_nonfinite == 'stop':
             raise cli.NonFiniteError(tu.nonfinite_message(step + 1, terms, bad, x0, ckpt_path, saved_step))
@@ -216,11 +224,11 @@ def main():
         step += 1
         bar.update(1)
         if not bad:
-            if model_kwargs['arch'] == 'unet':
-                model.project_weights_(net)
+            for m in projected:
+                model.project_weights_(m)
             tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
-            if target is not None:
-                tu.update_ema(target, net, mu)                               # theta- <- mu theta- + (1 - mu) theta
+            if target is not None:                                           # theta- <- mu theta- + (1 - mu) theta
+                tu.update_ema(target, net, tu.grid_at(args, step - 1)[1])
             rf.window_add(window, terms)
 
         # Log, sample grid, checkpoint (the grid first: a kill between them redoes both on resume).

@@ -124,6 +124,11 @@ def main():
         print(f'run folder: {args.out} ({"resumed at step " + str(step) if step else "new"}); {world} process(es), '
               f'{batch_gpu} x {accum} micro-batches each per step, on {device}')
 
+    # The loss of one micro-batch, built once (as in train_scd.py and train_sct.py): the TrigFlow diffusion loss.
+    def loss_fn(x0, labels, step):
+        return teacher_loss(ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean, P_std=args.P_std,
+                            label_dropout=args.label_dropout)
+
     # The loop. Every random draw of a step is seeded by (seed, step, micro-batch, rank), so a resume repeats it.
     # Calls named *_all_ranks (and dist.*, DDP's backward) are collectives: every rank makes them, in the same order.
     stream = tu.data_stream(dataset, batch_gpu, rank, world, args.seed, step * accum, args.workers)
@@ -144,8 +149,7 @@ def main():
             x0, labels = (v.to(device) for v in next(stream))
             with tu.no_sync([ddp_net, ddp_wnet], micro < accum - 1):      # all-reduce in the last backward only
                 with tu.autocast(device, args.precision):                    # forward and loss; backward outside
-                    loss, micro_terms = teacher_loss(ddp_net, x0, labels, wnet=ddp_wnet, P_mean=args.P_mean,
-                                                     P_std=args.P_std, label_dropout=args.label_dropout)
+                    loss, micro_terms = loss_fn(x0, labels, step)
                 scaler.scale(loss / accum).backward()
             for k, v in micro_terms.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
@@ -153,9 +157,7 @@ def main():
         # Non-finite check: stop naming the term, or skip the step (fp16: the GradScaler skips and backs off).
         # All ranks also agree here whether a stop signal came.
         scaler.unscale_(opt)
-        terms['grad_norm'] = tu.grad_norm(opt)
-        if args.precision == 'fp16' and not torch.isfinite(terms['grad_norm']):
-            del terms['grad_norm']
+        terms.update(tu.grad_norms(opt, drop_nonfinite=args.precision == 'fp16'))
         bad, stop = tu.check_step_all_ranks(terms, device, world)
         if bad and args.on_nonfinite == 'stop':
             raise cli.NonFiniteError(tu.nonfinite_message(step + 1, terms, bad, x0, ckpt_path, saved_step))

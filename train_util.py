@@ -221,9 +221,18 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
 
 
-def grad_norm(opt):
-    grads = [p.grad for g in opt.param_groups for p in g['params'] if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+def grad_norms(opt, drop_nonfinite=False):
+    """{term: gradient norm} of each parameter group ('grad_norm' unless the group names its own 'term', as sCD +
+    aVSD's F_phi does). drop_nonfinite (fp16): a non-finite norm is left out, since the GradScaler skips that step
+    and backs off by itself."""
+    out = {}
+    for g in opt.param_groups:
+        grads = [p.grad for p in g['params'] if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in grads]))
+            if not (drop_nonfinite and not torch.isfinite(norm)):
+                out[g.get('term', 'grad_norm')] = norm
+    return out
 
 
 _SIGNAL = []                                                        # the stop signals received
