@@ -12,6 +12,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import model
+import baselines as bl
 import trigflow as tf
 
 warnings.filterwarnings('ignore', category=DeprecationWarning)
@@ -386,22 +387,22 @@ def test_pseudo_huber_is_quadratic_then_linear():
     assert abs(c - 0.0299) < 1e-4
     small, big = torch.full_like(x, 1e-5), torch.full_like(x, 0.5)
     d2 = small.flatten(1).square().sum(1)
-    assert torch.allclose(tf.pseudo_huber(small, x), d2 / (2 * c), rtol=1e-4)
+    assert torch.allclose(bl.pseudo_huber(small, x), d2 / (2 * c), rtol=1e-4)
     dist = big.flatten(1).norm(dim=1)
-    assert torch.allclose(tf.pseudo_huber(big, x), dist - c, rtol=1e-4)
+    assert torch.allclose(bl.pseudo_huber(big, x), dist - c, rtol=1e-4)
 
 
 def test_discretization_curricula_follow_their_papers():
     """iCT (Eq. 7; K = 400k, s0 = 10, s1 = 1280: K' = 50000): N = 11 until step 50k, then 21, ... 1281 from 350k.
     CM 2023 (App. C; CT on CIFAR-10, K = 800k, s0 = 2, s1 = 150, mu0 = 0.9): N(0) = 2 with mu = 0.9, N(K) = 151."""
     K = 400_000
-    assert [tf.ict_num_steps(k, K) for k in (0, 49_999, 50_000, 100_000, 300_000, 349_999, 350_000, 399_999)] == \
+    assert [bl.ict_num_steps(k, K) for k in (0, 49_999, 50_000, 100_000, 300_000, 349_999, 350_000, 399_999)] == \
         [11, 11, 21, 41, 641, 641, 1281, 1281]
-    N0, mu0 = tf.cm2023_schedule(0, 800_000)
-    NK, muK = tf.cm2023_schedule(800_000, 800_000)
+    N0, mu0 = bl.cm2023_schedule(0, 800_000)
+    NK, muK = bl.cm2023_schedule(800_000, 800_000)
     assert (N0, NK) == (2, 151) and abs(mu0 - 0.9) < 1e-12 and abs(muK - math.exp(2 * math.log(0.9) / 151)) < 1e-12
     sigmas = torch.tensor([0.002, 0.1, 1.0, 10.0, 80.0], dtype=torch.float64)
-    p = tf.ict_interval_probs(sigmas)
+    p = bl.ict_interval_probs(sigmas)
     torch.manual_seed(0)
     draws = torch.exp(torch.randn(200_000, dtype=torch.float64) * 2.0 - 1.1)
     draws = draws[(draws >= 0.002) & (draws <= 80.0)]                          # the law inside the grid
@@ -417,10 +418,10 @@ def test_heun_step_is_cds_ode_step_of_a_gaussian_teacher():
     t = torch.linspace(0.3, 1.4, 8, dtype=torch.float64)
     x_t = gauss_marginal(t, mu, s)
     F = F_teacher(mu, s)
-    errs = [rel(tf.heun_step(F, x_t, t, t - dt), gauss_transport(x_t, t, t - dt, mu, s)) for dt in (0.08, 0.04, 0.02)]
+    errs = [rel(bl.heun_step(F, x_t, t, t - dt), gauss_transport(x_t, t, t - dt, mu, s)) for dt in (0.08, 0.04, 0.02)]
     assert errs[2] < 1e-5 and errs[0] / errs[1] > 6 and errs[1] / errs[2] > 6, errs
     t_prev = torch.where(torch.arange(8) % 2 == 0, torch.zeros(8, dtype=torch.float64), t - 0.04)   # mixed batch
-    x_prev = tf.heun_step(F, x_t, t, t_prev)
+    x_prev = bl.heun_step(F, x_t, t, t_prev)
     assert torch.allclose(x_prev[0::2], tf.consistency_fn(F, x_t, t)[0::2], rtol=0, atol=1e-12)
     assert rel(x_prev[1::2], gauss_transport(x_t, t, t_prev, mu, s)[1::2]) < 1e-4
 
@@ -452,16 +453,16 @@ def test_discrete_cm_gradient_tends_to_scms_as_dt_shrinks(kind):
     for dt in (1e-2, 1e-3, 1e-4):
         net.zero_grad()
         t_prev = t - dt
-        x_prev = tf.heun_step(F_teacher(mu, s), x_t, t, t_prev) if kind == 'cd' else tf.forward_process(x0, t_prev, z)[0]
+        x_prev = bl.heun_step(F_teacher(mu, s), x_t, t, t_prev) if kind == 'cd' else tf.forward_process(x0, t_prev, z)[0]
         sigma, dsigma = SD * t.tan(), SD * (t.tan() - t_prev.tan())
         for i in range(B):                                      # one sample at a time: each has its own rescaling
             one = slice(i, i + 1)
             if kind == 'ict':
-                loss, _ = tf.cm_loss(net, net, x_t[one], t[one], x_prev[one], t_prev[one], metric='pseudo-huber',
+                loss, _ = bl.cm_loss(net, net, x_t[one], t[one], x_prev[one], t_prev[one], metric='pseudo-huber',
                                      c=c, weighting='inv-dsigma')
                 scale = 2 * c / D * dsigma[i] / (sigma[i] * math.sin(dt))
             else:
-                loss, _ = tf.cm_loss(net, net, x_t[one], t[one], x_prev[one], t_prev[one])
+                loss, _ = bl.cm_loss(net, net, x_t[one], t[one], x_prev[one], t_prev[one])
                 scale = 1 / (sigma[i] * math.sin(dt))
             (loss * scale / B).backward()
         errs.append(rel(_flat_grad(net), g_scm))
@@ -474,16 +475,16 @@ def test_cm_loss_target_sees_the_students_dropout_mask_and_no_gradient():
     and weightings are their formulas."""
     net = tiny_unet(dropout=0.5).train()
     x_t, t = torch.randn(3, 1, 16, 16), torch.tensor([0.4, 0.9, 1.3])
-    loss, _ = tf.cm_loss(net, net, x_t, t, x_t, t)
+    loss, _ = bl.cm_loss(net, net, x_t, t, x_t, t)
     assert loss.item() == 0.0
     a, b = torch.randn(3, 1, 16, 16), torch.randn(3, 1, 16, 16)
     F_a, F_b = (lambda u, t: a), (lambda u, t: b)                  # networks with constant outputs
     t_prev = torch.tensor([0.0, 0.5, 1.0])
     f = lambda F, t: tf.consistency_fn(F, x_t, t)
     gap = f(F_a, t) - f(F_b, t_prev)
-    l2, terms = tf.cm_loss(F_a, F_b, x_t, t, x_t, t_prev)
+    l2, terms = bl.cm_loss(F_a, F_b, x_t, t, x_t, t_prev)
     assert torch.allclose(l2, gap.square().mean()) and torch.allclose(terms['dt'], (t - t_prev).mean())
-    ph, _ = tf.cm_loss(F_a, F_b, x_t, t, x_t, t_prev, metric='pseudo-huber', weighting='inv-dsigma')
+    ph, _ = bl.cm_loss(F_a, F_b, x_t, t, x_t, t_prev, metric='pseudo-huber', weighting='inv-dsigma')
     c = 0.00054 * 16
     want = ((gap.flatten(1).square().sum(1) + c * c).sqrt() - c) / (SD * (t.tan() - t_prev.tan()))
     assert torch.allclose(ph, want.mean())
@@ -492,18 +493,18 @@ def test_cm_loss_target_sees_the_students_dropout_mask_and_no_gradient():
 def test_grid_intervals_follow_cm_and_ict():
     """CM 2023's grid: N Karras times from 0.002 to 80 (rho = 7) with the first at t = 0; intervals uniform (CM 2023) or
     by iCT's discretized log-normal, counted over many draws."""
-    ts = tf.cm_grid(18)
+    ts = bl.discrete_times(17)
     sigma = SD * ts.double().tan()
     i = torch.arange(1, 17, dtype=torch.float64)
     want = (0.002 ** (1 / 7) + i / 17 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
     assert len(ts) == 18 and ts[0] == 0 and torch.allclose(sigma[1:-1], want, rtol=1e-5) and abs(sigma[-1] - 80) < 1e-3
     g = torch.Generator().manual_seed(0)
     for P in ((None, None), (-1.1, 2.0)):
-        t, t_prev = tf.sample_interval(100_000, ts, *P, generator=g)
+        t, t_prev = bl.sample_interval(100_000, ts, *P, generator=g)
         idx = torch.searchsorted(ts, t_prev)
         assert torch.equal(ts[idx + 1], t)                                   # adjacent grid points
         freq = torch.bincount(idx, minlength=17).double() / len(idx)
-        p = torch.full((17,), 1 / 17, dtype=torch.float64) if P[0] is None else tf.ict_interval_probs(sigma, *P)
+        p = torch.full((17,), 1 / 17, dtype=torch.float64) if P[0] is None else bl.ict_interval_probs(sigma, *P)
         assert torch.allclose(freq, p, atol=0.005), (P, freq, p)
 
 
@@ -547,7 +548,7 @@ def test_discrete_tangent_converges_to_continuous():
     t = torch.tensor([0.2, 0.7, 1.3], dtype=torch.float64)
     x_t, dxdt = tf.forward_process(x0, t, z)
     _, g = tf.scm_tangent(net, x_t, t, dxdt)
-    errs = [rel(tf.dscd_tangent(net, x_t, t, dxdt, dt)[1], g) for dt in (1e-2, 1e-3, 1e-4)]
+    errs = [rel(bl.dscd_tangent(net, x_t, t, dxdt, dt)[1], g) for dt in (1e-2, 1e-3, 1e-4)]
     assert errs[2] < 1e-3 and errs[2] < errs[1] < errs[0], errs
     # the DDIM step with sCT's dxdt lands exactly on cos t' x0 + sin t' z ...
     dt = 0.3
@@ -555,7 +556,7 @@ def test_discrete_tangent_converges_to_continuous():
     assert rel(x_prev, tf.forward_process(x0, t - dt, z)[0]) < 1e-12
     # ... and at any finite dt Eq. 37 is exactly cos(t) [f(x_t, t) - f(x_t', t')] / sin(t - t')
     direct = (tf.consistency_fn(net, x_t, t) - tf.consistency_fn(net, x_prev, t - dt)) / math.sin(dt)
-    assert rel(tf.dscd_tangent(net, x_t, t, dxdt, dt)[1], _col(t.cos(), x_t) * direct) < 1e-12
+    assert rel(bl.dscd_tangent(net, x_t, t, dxdt, dt)[1], _col(t.cos(), x_t) * direct) < 1e-12
 
 
 def test_gaussian_consistency_function_is_fixed_point_of_scd():
@@ -700,9 +701,9 @@ def test_time_proposals():
     log_sigma = (SD * t.double().tan()).log()
     assert abs(log_sigma.median().item() + 0.8) < 0.02
     assert t.min() >= tf.T_MIN and t.max() <= tf.T_MAX
-    ts = tf.discrete_times(1024)
+    ts = bl.discrete_times(1024)
     assert ts[0] == 0 and abs(ts[-1].item() - tf.T_MAX) < 1e-6 and (ts.diff() > 0).all()
-    t_d, t_prev = tf.sample_t_discrete(200000, ts, -0.8, 1.6)
+    t_d, t_prev = bl.sample_interval(200000, ts, -0.8, 1.6)
     assert torch.equal(torch.searchsorted(ts, t_prev), torch.searchsorted(ts, t_d) - 1)
     assert abs((SD * t_d.double().tan()).log().median().item() + 0.8) < 0.05
 
@@ -931,7 +932,7 @@ def two_pass_reference(F, x_t, t, dxdt, w, r, c=0.1, dt=None):
             F_minus, cs_dFdt = torch.func.jvp(F, (x_t / SD, t), (cos * sin * dxdt / SD, t.cos() * t.sin()))
             g = -cos ** 2 * (SD * F_minus - dxdt) - r * (cos * sin * x_t + SD * cs_dFdt)
         else:
-            _, g = tf.dscd_tangent(F, x_t, t, dxdt, dt, r=r)
+            _, g = bl.dscd_tangent(F, x_t, t, dxdt, dt, r=r)
         g = g / _col(g.flatten(1).norm(dim=1) / math.sqrt(g[0].numel()) + c, g)
     torch.set_rng_state(rng)
     F_theta = F(x_t / SD, t)
@@ -976,7 +977,8 @@ def test_one_pass_equals_two_pass_reference(arch, mode, dtype, tol):
         if kind == 'reference':
             loss = two_pass_reference(F, x_t, t, dxdt, wnet(t), r, dt=dt)
         else:
-            loss, _ = tf.scm_loss(F, x_t, t, dxdt, w=wnet(t), r=r, dt=dt, two_pass=kind != 'one pass')
+            loss_fn = tf.scm_loss if dt is None else (lambda *a, **k: bl.dscd_loss(*a, dt=dt, **k))   # App. E
+            loss, _ = loss_fn(F, x_t, t, dxdt, w=wnet(t), r=r, two_pass=kind != 'one pass')
         loss.backward()
         results.append((loss.detach(), _grads(net, wnet), torch.randn(())))
     (loss_ref, grads_ref, after_ref) = results[0]

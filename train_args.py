@@ -3,12 +3,11 @@ defaults (explicit flags override it). The presets themselves are in each script
 """
 import argparse
 
+import baselines
 from cli import UserError
 
 
 OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'teacher', 'student', 'init', 'guide_net'}
-# The discrete-time recipes' values (--recipe ict, ct2023, cd2023): unset, and unused, under sCM's own loss.
-RECIPE_KEYS = ('grid', 'N', 's0', 's1', 'K', 'mu0', 'metric', 'huber_c', 'weighting', 'intervals')
 HINTS = {'data': '--data (the ImageNet presets: the .npy of `python latents.py encode`, or the .zip of '
                  '`python make_dataset.py` for ImageNet 64)',
          'teacher': '--teacher (a checkpoint.pt of train_teacher.py)'}
@@ -62,29 +61,6 @@ def add_cm_args(p):
       'gradient (trigflow.scm_loss): the same loss and gradients, ~2x a diffusion step instead of ~1.7x')
 
 
-def add_recipe_args(p, recipes):
-    """--recipe: sCM's loss, or a discrete-time consistency model as published (the script's RECIPES rows, each value
-    overridable by its flag below; trigflow.py's discrete-time section)."""
-    a = p.add_argument
-    rows = '; '.join(f'{name}: ' + (', '.join(f'{k}={v}' for k, v in row.items() if k != 'recipe') or "sCM's loss")
-                     for name, row in recipes.items())
-    a('--recipe', choices=list(recipes), default='scm', help=f'the loss. {rows}')
-    a('--grid', choices=['fixed', 'cm2023', 'ict'], help="the grid's size N(k): fixed --N, CM 2023's schedule "
-      "(App. C) or iCT's doubling curriculum (Eq. 7) from --s0 to --s1 over --K steps")
-    a('--N', type=int, help='grid points of a fixed grid (CM 2023 CD: 18 on CIFAR-10)')
-    a('--s0', type=int, help='initial grid size of the curriculum')
-    a('--s1', type=int, help='final grid size of the curriculum')
-    a('--K', type=int, help='steps over which the curriculum runs (default: --steps; pass it when a run grows)')
-    a('--mu0', type=float, help="the target theta-'s EMA rate: mu0 on a fixed grid, CM 2023's mu(k) = "
-      "exp(s0 log mu0 / N(k)) on its schedule; 0 = stopgrad theta (iCT)")
-    a('--metric', choices=['l2', 'pseudo-huber'], help='d(x, y): the mean square, or iCT\'s pseudo-Huber (LPIPS: '
-      'not here, it needs downloaded VGG weights)')
-    a('--huber-c', type=float, help="pseudo-Huber's c (default 0.00054 sqrt(d), iCT)")
-    a('--weighting', choices=['one', 'inv-dsigma'], help="lambda: 1 (CM 2023) or 1 / (sigma_{i+1} - sigma_i) (iCT)")
-    a('--intervals', choices=['uniform', 'lognormal'], help="the grid interval's distribution: uniform (CM 2023) "
-      "or iCT's discretized log-normal with --P-mean, --P-std")
-
-
 def parse_args(p, presets, recipes=None):
     """Parse with the chosen preset's row, then the chosen recipe's, as the defaults; `--preset X [--recipe R]
     --help` shows the values."""
@@ -109,7 +85,7 @@ def parse_args(p, presets, recipes=None):
         if isinstance(v, list):
             setattr(args, k, tuple(v))
     missing = [k for k, v in vars(args).items()
-               if v is None and (k not in OPTIONAL or k == 'teacher') and k not in RECIPE_KEYS]
+               if v is None and (k not in OPTIONAL or k == 'teacher') and k not in baselines.RECIPE_KEYS]
     if missing:
         raise UserError(f'preset {args.preset!r} needs ' + ', '.join(HINTS.get(k, '--' + k.replace('_', '-'))
                                                                     for k in missing))
@@ -124,34 +100,8 @@ def parse_args(p, presets, recipes=None):
             raise UserError(f'--{k.replace("_", "-")} must be {"positive" if k in ("lr", "P_std") else "at least 0"}, '
                             f'not {v}')
     if recipes:
-        check_recipe(args)
+        baselines.check_recipe(args)
     return args
-
-
-def check_recipe(args):
-    """A discrete-time recipe's values are complete and sCM's own loss has none of them: one line, before any work."""
-    if args.recipe == 'scm':
-        given = [k for k in RECIPE_KEYS if getattr(args, k) is not None]
-        if given:
-            raise UserError(', '.join('--' + k.replace('_', '-') for k in given) + ' belong to the discrete-time '
-                            'recipes: add --recipe (see --help)')
-        return
-    for flag, bad in (('--discrete', args.discrete), ('--two-pass', args.two_pass),
-                      ('--vsd', getattr(args, 'vsd', 0))):
-        if bad:
-            raise UserError(f'{flag} is for sCM\'s loss, not --recipe {args.recipe}')
-    if args.K is None and args.grid != 'fixed':
-        args.K = args.steps                                   # a resume to more steps must pass the first --K
-    for k in ['N'] if args.grid == 'fixed' else ['s0', 's1', 'K']:
-        if getattr(args, k) is None or getattr(args, k) < 2 - (k == 'K'):
-            raise UserError(f'--recipe {args.recipe} with --grid {args.grid} needs --{k} '
-                            f'{"of 1 or more" if k == "K" else "of 2 or more"}, not {getattr(args, k)}')
-    if args.grid != 'fixed' and args.s1 < args.s0:
-        raise UserError(f'--s1 ({args.s1}) must be at least --s0 ({args.s0})')
-    if not 0 <= args.mu0 < 1:
-        raise UserError(f'--mu0 must be in [0, 1), not {args.mu0}')
-    if args.huber_c is not None and args.huber_c <= 0:
-        raise UserError(f'--huber-c must be positive, not {args.huber_c}')
 
 
 def run_config(args):

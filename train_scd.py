@@ -11,6 +11,7 @@ dsCD baseline (App. E) with the same improvements instead; --recipe cd2023 train
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import baselines as bl
 import checkpoint as ck
 import cli
 import model
@@ -75,17 +77,6 @@ PRESETS = {
     'fashion-s': dict(FASHION, model='fashion-s', steps=600),
     'fashion-s-vsd': dict(FASHION, model='fashion-s', steps=300, vsd=1.0, warmup_steps=0),  # continues a student
 }
-# --recipe: the discrete-time consistency distillation sCM compares against, as published (trigflow.py's discrete-time
-# section); a recipe sets only the loss, the rest is the preset's. Every value has its flag.
-RECIPES = {
-    'scm': dict(recipe='scm'),                                     # sCD, Alg. 1
-    # CD of Consistency Models (Song et al. 2023, Table 3, CIFAR-10): N = 18, one Heun step of the teacher, mu = 0
-    # (theta- = theta), uniform intervals, lambda = 1, no guidance; L2 where its best used LPIPS (downloaded weights)
-    'cd2023': dict(recipe='cd2023', grid='fixed', N=18, mu0=0.0, metric='l2', weighting='one', intervals='uniform',
-                   s_max=1.0),
-}
-
-
 def teacher_F(teacher, labels, s=None, guide=None):
     """The teacher's F at the labels, guided at the CFG scales s [B] (None: unguided) against its null label, or
     against a guide network (--guide-net: EDM2's XS unconditional one)."""
@@ -106,31 +97,17 @@ def scd_loss(net, teacher, x0, labels, *, wnet=None, P_mean, P_std, r, s_max=1.0
     if grid is None:
         t, dt = tf.sample_t(B, P_mean, P_std, device=x0.device), None                 # log-normal proposal
     else:
-        t, t_prev = tf.sample_t_discrete(B, grid, P_mean, P_std, device=x0.device)   # dsCD: a grid interval
+        t, t_prev = bl.sample_interval(B, grid, P_mean, P_std, device=x0.device)     # dsCD: a grid interval
         dt = t - t_prev
     z = torch.randn_like(x0) * tf.SIGMA_D                                            # z ~ N(0, sigma_d^2 I)
     x_t, _ = tf.forward_process(x0, t, z)                                            # x_t = cos t x0 + sin t z
     s = 1 + (s_max - 1) * torch.rand(B, device=x0.device) if s_max > 1 else None
     with torch.no_grad():                                                            # dx_t/dt from the teacher
         dxdt = tf.velocity(teacher_F(teacher, labels, s, guide), x_t, t)             # with CFG at scale s
-    return tf.scm_loss(lambda u, t: net(u, t, labels, s), x_t, t, dxdt, w=None if wnet is None else wnet(t), r=r,
-                       c=c, tangent_norm=tangent_norm, dt=dt, two_pass=two_pass,
-                       jvp=lambda u, t, tangents: net(u, t, labels, s, tangents=tangents))
-
-
-def cd_loss(net, target, teacher, x0, labels, ts, *, intervals, P_mean, P_std, metric, c, weighting, s_max=1.0,
-            guide=None):
-    """CD's loss for one batch (CM 2023 Alg. 2): an interval (t', t) of the grid ts, x_t from (x0, z) and x_t' from
-    one Heun step of the teacher's PF-ODE (trigflow.heun_step), then trigflow.cm_loss. net: the student with
-    gradient (DDP-wrapped); target: theta-'s network (net itself, unwrapped, when mu = 0). s ~ U[1, s_max]: the
-    teacher's CFG scale, seen by student and target, as in sCD (CM 2023 has no guidance: s_max = 1)."""
-    B = x0.shape[0]
-    t, t_prev = tf.sample_interval(B, ts, *((P_mean, P_std) if intervals == 'lognormal' else ()), device=x0.device)
-    x_t, _ = tf.forward_process(x0, t, torch.randn_like(x0) * tf.SIGMA_D)           # z ~ N(0, sigma_d^2 I)
-    s = 1 + (s_max - 1) * torch.rand(B, device=x0.device) if s_max > 1 else None
-    x_prev = tf.heun_step(teacher_F(teacher, labels, s, guide), x_t, t, t_prev)      # CD's x_t'
-    return tf.cm_loss(lambda u, t: net(u, t, labels, s), lambda u, t: target(u, t, labels, s), x_t, t, x_prev,
-                      t_prev, metric=metric, c=c, weighting=weighting)
+    loss = tf.scm_loss if dt is None else functools.partial(bl.dscd_loss, dt=dt)     # App. E: dsCD
+    return loss(lambda u, t: net(u, t, labels, s), x_t, t, dxdt, w=None if wnet is None else wnet(t), r=r,
+                c=c, tangent_norm=tangent_norm, two_pass=two_pass,
+                jvp=lambda u, t, tangents: net(u, t, labels, s, tangents=tangents))
 
 
 def vsd_losses(net, teacher, fake, x0, labels, s, *, wvsd=None, wfake=None, P_vsd, P_fake, guide=None):
@@ -159,10 +136,10 @@ def build_loss(args, net, ddp_net, ddp_wnet, target, teacher, guide, grid, vsd):
     and F_phi's own diffusion loss (App. C), one loss of disjoint parameters and one backward."""
     if args.recipe != 'scm':
         def cm_loss(x0, labels, step):
-            N = tu.grid_at(args, step)[0]
-            loss, terms = cd_loss(ddp_net, target or net, teacher, x0, labels, tf.cm_grid(N), intervals=args.intervals,
+            N = bl.grid_at(args, step)[0]
+            loss, terms = bl.cd_loss(ddp_net, target or net, lambda labels, s: teacher_F(teacher, labels, s, guide), x0, labels, bl.discrete_times(N - 1), intervals=args.intervals,
                                   P_mean=args.P_mean, P_std=args.P_std, metric=args.metric, c=args.huber_c,
-                                  weighting=args.weighting, s_max=args.s_max, guide=guide)
+                                  weighting=args.weighting, s_max=args.s_max)
             return loss, dict(terms, N=torch.tensor(float(N)))
     else:
         def cm_loss(x0, labels, step):
@@ -200,8 +177,8 @@ def main():
                    'student (sCD + aVSD continues one) or a re-fitted EDM2 U-Net (train_teacher.py --init)')
     p.add_argument('--guide-net', help='guide with this network instead of the teacher\'s null label: EDM2\'s XS '
                    'unconditional pickle for an EDM2 teacher (EDM2 §5)')
-    train_args.add_recipe_args(p, RECIPES)
-    args = train_args.parse_args(p, PRESETS, RECIPES)
+    bl.add_recipe_args(p, bl.CD_RECIPES)
+    args = train_args.parse_args(p, PRESETS, bl.CD_RECIPES)
     if args.teacher and args.teacher.endswith('.pkl') and args.s_max > 1 and not args.guide_net:
         raise cli.UserError('EDM and EDM2 teachers have no null label: guide with --guide-net (EDM2: its XS '
                             'unconditional pickle), or pass --s-max 1')
@@ -237,7 +214,7 @@ def main():
     model_kwargs = dict(tu.model_kwargs_for(args, dataset, teacher_file), cfg_embed=args.s_max > 1)
     if args.s_max > 1 and not model_kwargs['label_dim']:
         raise cli.UserError('--s-max > 1 needs a class-conditional model; pass --s-max 1')
-    grid = tf.discrete_times(args.discrete) if args.discrete else None            # dsCD's N-step grid (App. E)
+    grid = bl.discrete_times(args.discrete) if args.discrete else None            # dsCD's N-step grid (App. E)
 
     # Networks: the student starts as the teacher's EMA (App. G.2); a guided student's CFG-scale input starts at 0.
     # The same initial weights on every rank; EMA and the adaptive weight w_phi(t) (Eq. 8).
@@ -333,7 +310,7 @@ def main():
                 model.project_weights_(m)
             tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
             if target is not None:                                           # theta- <- mu theta- + (1 - mu) theta
-                tu.update_ema(target, net, tu.grid_at(args, step - 1)[1])
+                tu.update_ema(target, net, bl.grid_at(args, step - 1)[1])
             rf.window_add(window, terms)
 
         # Log, sample grid, checkpoint (the grid first: a kill between them redoes both on resume).

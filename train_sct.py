@@ -11,6 +11,7 @@ needs the teacher checkpoint too. --discrete N trains the discrete-time variant 
 """
 import argparse
 import copy
+import functools
 import json
 import os
 
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import baselines as bl
 import checkpoint as ck
 import cli
 import model
@@ -55,21 +57,6 @@ PRESETS = {
     'fashion':   dict(FASHION, model='fashion', steps=2_000),
     'fashion-s': dict(FASHION, model='fashion-s', steps=600),
 }
-# --recipe: the discrete-time consistency training sCM compares against, as published (trigflow.py's discrete-time
-# section); a recipe sets only the loss, the rest is the preset's. Every value has its flag.
-RECIPES = {
-    'scm': dict(recipe='scm'),                                     # sCT, Alg. 1
-    # iCT (Song & Dhariwal 2024): stopgrad theta (§3.2), pseudo-Huber (§3.3), lambda = 1 / (sigma_{i+1} - sigma_i)
-    # (§3.1), N(k) doubling from 10 to 1280 over the run (§3.4, Eq. 7), discretized log-normal P (-1.1, 2.0) (§3.5)
-    'ict': dict(recipe='ict', grid='ict', s0=10, s1=1280, mu0=0.0, metric='pseudo-huber', weighting='inv-dsigma',
-                intervals='lognormal', P_mean=-1.1, P_std=2.0),
-    # CT of Consistency Models (Song et al. 2023, Table 3, CIFAR-10): N(k) from 2 to 150, target EMA mu0 = 0.9,
-    # uniform intervals, lambda = 1; L2 where the paper's best used LPIPS (not here: it needs downloaded weights)
-    'ct2023': dict(recipe='ct2023', grid='cm2023', s0=2, s1=150, mu0=0.9, metric='l2', weighting='one',
-                   intervals='uniform'),
-}
-
-
 def sct_loss(net, x0, labels, *, wnet=None, P_mean, P_std, r, c=0.1, tangent_norm='rms', grid=None,
              two_pass=False):
     """sCT's loss for one batch (Alg. 1): draw t and z, noise x0 to x_t; dx_t/dt = cos(t) z - sin(t) x0 comes from
@@ -80,26 +67,14 @@ def sct_loss(net, x0, labels, *, wnet=None, P_mean, P_std, r, c=0.1, tangent_nor
     if grid is None:
         t, dt = tf.sample_t(B, P_mean, P_std, device=x0.device), None                 # log-normal proposal
     else:
-        t, t_prev = tf.sample_t_discrete(B, grid, P_mean, P_std, device=x0.device)   # discrete: a grid interval
+        t, t_prev = bl.sample_interval(B, grid, P_mean, P_std, device=x0.device)     # discrete: a grid interval
         dt = t - t_prev
     z = torch.randn_like(x0) * tf.SIGMA_D                                            # z ~ N(0, sigma_d^2 I)
     x_t, dxdt = tf.forward_process(x0, t, z)                                         # dx_t/dt = cos t z - sin t x0
-    return tf.scm_loss(lambda u, t: net(u, t, labels), x_t, t, dxdt, w=None if wnet is None else wnet(t), r=r, c=c,
-                       tangent_norm=tangent_norm, dt=dt, two_pass=two_pass,
-                       jvp=lambda u, t, tangents: net(u, t, labels, tangents=tangents))
-
-
-def ct_loss(net, target, x0, labels, ts, *, intervals, P_mean, P_std, metric, c, weighting):
-    """CT's loss for one batch (CM 2023 Alg. 3, and iCT): an interval (t', t) of the grid ts, x_t and x_t' from the
-    same (x0, z), then trigflow.cm_loss. net: the student with gradient (DDP-wrapped); target: theta-'s network (net
-    itself, unwrapped, for iCT's stopgrad theta)."""
-    B = x0.shape[0]
-    t, t_prev = tf.sample_interval(B, ts, *((P_mean, P_std) if intervals == 'lognormal' else ()), device=x0.device)
-    z = torch.randn_like(x0) * tf.SIGMA_D                                            # z ~ N(0, sigma_d^2 I)
-    x_t, _ = tf.forward_process(x0, t, z)
-    x_prev, _ = tf.forward_process(x0, t_prev, z)                                    # the same z: CT's x_t'
-    return tf.cm_loss(lambda u, t: net(u, t, labels), lambda u, t: target(u, t, labels), x_t, t, x_prev, t_prev,
-                      metric=metric, c=c, weighting=weighting)
+    loss = tf.scm_loss if dt is None else functools.partial(bl.dscd_loss, dt=dt)     # App. E: dsCD
+    return loss(lambda u, t: net(u, t, labels), x_t, t, dxdt, w=None if wnet is None else wnet(t), r=r, c=c,
+                tangent_norm=tangent_norm, two_pass=two_pass,
+                jvp=lambda u, t, tangents: net(u, t, labels, tangents=tangents))
 
 
 def build_loss(args, net, ddp_net, ddp_wnet, target, grid):
@@ -113,8 +88,8 @@ def build_loss(args, net, ddp_net, ddp_wnet, target, grid):
             two_pass=args.two_pass)
 
     def recipe_loss(x0, labels, step):
-        N = tu.grid_at(args, step)[0]
-        loss, terms = ct_loss(ddp_net, target or net, x0, labels, tf.cm_grid(N), intervals=args.intervals,
+        N = bl.grid_at(args, step)[0]
+        loss, terms = bl.ct_loss(ddp_net, target or net, x0, labels, bl.discrete_times(N - 1), intervals=args.intervals,
                               P_mean=args.P_mean, P_std=args.P_std, metric=args.metric, c=args.huber_c,
                               weighting=args.weighting)
         return loss, dict(terms, N=torch.tensor(float(N)))
@@ -127,8 +102,8 @@ def main():
                    help='experiment preset: model, data and hyperparameters from the paper\'s tables')
     train_args.add_common_args(p)
     train_args.add_cm_args(p)
-    train_args.add_recipe_args(p, RECIPES)
-    args = train_args.parse_args(p, PRESETS, RECIPES)
+    bl.add_recipe_args(p, bl.CT_RECIPES)
+    args = train_args.parse_args(p, PRESETS, bl.CT_RECIPES)
     teacher_file = ck.read_teacher(args.teacher)          # read and checked before any work
     tu.stop_on_signals()          # SIGTERM/SIGINT: finish the step, write a checkpoint, exit 4
 
@@ -149,7 +124,7 @@ def main():
     dataset = tu.load_data_all_ranks(args, rank, world)
     batch_gpu, accum = tu.micro_batches(args, world, len(dataset))
     model_kwargs = tu.model_kwargs_for(args, dataset, teacher_file)
-    grid = tf.discrete_times(args.discrete) if args.discrete else None            # an N-step grid (App. E)
+    grid = bl.discrete_times(args.discrete) if args.discrete else None            # an N-step grid (App. E)
 
     # Networks: sCT too starts from the teacher's EMA (App. G.2), which it then no longer needs.
     # The same initial weights on every rank; EMA and the adaptive weight w_phi(t) (Eq. 8).
@@ -228,7 +203,7 @@ def main():
                 model.project_weights_(m)
             tu.update_ema(ema, net, tu.ema_beta(args, step, args.batch))
             if target is not None:                                           # theta- <- mu theta- + (1 - mu) theta
-                tu.update_ema(target, net, tu.grid_at(args, step - 1)[1])
+                tu.update_ema(target, net, bl.grid_at(args, step - 1)[1])
             rf.window_add(window, terms)
 
         # Log, sample grid, checkpoint (the grid first: a kill between them redoes both on resume).

@@ -186,15 +186,7 @@ def ema_beta(args, step, batch):
 
 
 @torch.no_grad()
-def grid_at(args, step):
-    """A discrete-time recipe's grid size N and target EMA rate mu at training step `step` (trigflow.py's schedules;
-    past --K they stay at their last values)."""
-    if args.grid == 'fixed':
-        return args.N, args.mu0
-    k = min(step, args.K)
-    if args.grid == 'cm2023':
-        return tf.cm2023_schedule(k, args.K, args.s0, args.s1, args.mu0)
-    return tf.ict_num_steps(k, args.K, args.s0, args.s1), args.mu0
+
 
 
 def update_ema(ema, net, beta):

@@ -1,7 +1,8 @@
 """TrigFlow and continuous-time consistency models (sCM, sCT, sCD): the method, nothing else.
 
 Lu & Song, "Simplifying, Stabilizing & Scaling Continuous-Time Consistency Models", ICLR 2025 (arXiv 2410.11081).
-Equation numbers are that paper's unless another paper is named. This file imports torch only: copy it alone.
+Equation numbers are that paper's unless another paper is named. This file imports torch only: copy it alone
+(with onepass.py for a network of stock layers). The discrete-time baselines (dsCD, CD, CT, iCT) are in baselines.py.
 
 Notation (sCM §2, App. B):
   sigma_d    standard deviation of the data; 0.5 in every experiment of the paper
@@ -219,7 +220,7 @@ def tangent_warmup(step, H=10_000):
     return min(1.0, step / H) if H > 0 else 1.0
 
 
-def scm_loss(F, x_t, t, dxdt, *, w=None, r=1.0, c=0.1, tangent_norm='rms', dt=None, two_pass=False, jvp=None,
+def scm_loss(F, x_t, t, dxdt, *, w=None, r=1.0, c=0.1, tangent_norm='rms', tangent=None, two_pass=False, jvp=None,
              sigma_d=SIGMA_D):
     """The sCM loss of a batch (Eq. 8, Alg. 1: tangent, normalization, loss), averaged over the batch:
 
@@ -234,7 +235,8 @@ def scm_loss(F, x_t, t, dxdt, *, w=None, r=1.0, c=0.1, tangent_norm='rms', dt=No
     dxdt     dx_t/dt: cos(t) z - sin(t) x0 for sCT; sigma_d F_teacher(x_t/sigma_d, t), from the teacher's EMA, for sCD
     w        w_phi(t) [B] from AdaptiveWeight (trained jointly), or None for unit weight
     r        tangent warmup factor; c, tangent_norm: tangent normalization (c=None switches it off)
-    dt       None: sCM; a number or [B]: the discrete-time dsCD baseline, finite-difference tangent (App. E)
+    tangent  None: sCM's; tangent(F, x_t, t, dxdt, r, F_theta) -> g: another (baselines.dscd_loss, App. E), given
+             F_theta from one forward, whose RNG state it starts from (the same dropout mask)
 
     One pass. Alg. 1 takes the tangent at theta- = stopgrad(theta) (lines 5-6) and F_theta (line 7) at the same
     weights and input, so one grad-enabled JVP gives both:
@@ -246,10 +248,10 @@ def scm_loss(F, x_t, t, dxdt, *, w=None, r=1.0, c=0.1, tangent_norm='rms', dt=No
     forked around the first), at ~2x a diffusion step's time instead of ~1.7x. dsCD reuses the forward at t likewise.
     Returns (loss, terms): detached batch means for logging and the non-finite check --
     loss; mse, the weighted term's ||.||^2 / D; tangent_rms, the RMS of g before normalization; dxdt_rms; w."""
-    if dt is not None:                                                            # App. E: finite-difference tangent
-        with _same_rng(x_t.device):                                               # F_prev draws F_theta's dropout mask
+    if tangent is not None:                                                       # another tangent (dsCD, App. E)
+        with _same_rng(x_t.device):                                               # it may reuse F_theta's dropout mask
             F_theta = _wide(F(x_t / sigma_d, t))
-        _, g = dscd_tangent(F, x_t, t, dxdt, dt, r=r, sigma_d=sigma_d, F_minus=F_theta.detach())
+        g = tangent(F, x_t, t, dxdt, r, F_theta.detach())
     elif two_pass:
         with _same_rng(x_t.device):
             _, g = scm_tangent(F, x_t, t, dxdt, r=r, sigma_d=sigma_d, jvp=jvp)
@@ -302,152 +304,6 @@ def avsd_loss(x0, F_teacher, F_fake, t, z, *, w=None, sigma_d=SIGMA_D):
     zero = torch.zeros((), device=x0.device)
     return loss.mean(), dict(vsd=loss.detach().mean(), vsd_mse=mse.detach().mean(),
                              vsd_w=zero if w is None else w.detach().mean())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The discrete-time baseline dsCD (App. E): the same loss with a finite-difference tangent on a grid of N steps.
-
-
-def discrete_times(N, sigma_d=SIGMA_D, rho=7.0):
-    """The dsCD grid (App. E): sigma_i = (sigma_min^(1/rho) + i/N (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho,
-    i = 0..N, t_i = arctan(sigma_i / sigma_d), with t_0 replaced by 0. Returns [N + 1] ascending times."""
-    i = torch.arange(N + 1, dtype=torch.float64)
-    sigma = (SIGMA_MIN ** (1 / rho) + i / N * (SIGMA_MAX ** (1 / rho) - SIGMA_MIN ** (1 / rho))) ** rho
-    ts = torch.atan(sigma / sigma_d)
-    ts[0] = 0.0
-    return ts.float()
-
-
-def sample_t_discrete(n, ts, P_mean, P_std, sigma_d=SIGMA_D, device=None, generator=None):
-    """Draw grid intervals (t_prev, t) = (ts[i-1], ts[i]) with probability proportional to the log-normal mass of
-    sigma in (sigma_{i-1}, sigma_i] (iCT's discretized proposal, used by dsCD in App. E). Returns (t, t_prev)."""
-    log_sigma = (sigma_d * ts[1:].double().tan()).log()
-    cdf = torch.special.ndtr((log_sigma - P_mean) / P_std)
-    p = torch.diff(cdf, prepend=torch.zeros(1, dtype=cdf.dtype))             # mass of (sigma_{i-1}, sigma_i]
-    i = torch.multinomial(p.float(), n, replacement=True, generator=generator) + 1
-    return ts[i].to(device), ts[i - 1].to(device)
-
-
-@torch.no_grad()
-def dscd_tangent(F, x_t, t, dxdt, dt, r=1.0, sigma_d=SIGMA_D, F_minus=None):
-    """F_minus = F(x_t/sigma_d, t) and the finite-difference tangent of Eq. 37 between t and t' = t - dt, times cos(t)
-    (the same scale as scm_tangent's g; it converges to it as dt -> 0). x_t' is one DDIM step (Eq. 26) along dxdt;
-    for sCT's dxdt that step is exact (x_t' shares z). dt: a number or [B]. Both F evaluations see one dropout mask.
-    F_minus: F(x_t/sigma_d, t) if the caller has it (scm_loss); then the RNG must be where that forward began."""
-    t, x_t, dxdt = _wide(t), _wide(x_t), _wide(dxdt)
-    dt = _bc(torch.as_tensor(dt, dtype=x_t.dtype, device=x_t.device), x_t)
-    t_prev = t - dt.flatten()
-    cos, cos_p, sin_p = _bc(t.cos(), x_t), _bc(t_prev.cos(), x_t), _bc(t_prev.sin(), x_t)
-    x_prev = dt.cos() * x_t - dt.sin() * dxdt                                # DDIM step t -> t' (Eq. 26)
-    if F_minus is None:
-        with _same_rng(x_t.device):
-            F_minus = _wide(F(x_t / sigma_d, t))
-    F_minus = _wide(F_minus)
-    F_prev = _wide(F(x_prev / sigma_d, t_prev))
-    # Eq. 37: Delta = [f(x_t, t) - f(x_t', t')] / sin(t - t'), rearranged so no large terms cancel
-    delta = (-cos_p * (sigma_d * F_minus - dxdt)
-             - r * sin_p * (x_t + sigma_d * (dt.cos() * F_minus - F_prev) / dt.sin()))
-    return F_minus, cos * delta
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The discrete-time family sCM compares against: Consistency Models (CM 2023, Song et al.: CD and CT) and iCT (Song &
-# Dhariwal 2024). Written in TrigFlow time: f = cos(t) x_t - sin(t) sigma_d F, whose boundary f(x, 0) = x is exact at
-# t = 0, where CM's parameterization puts it at sigma = eps = 0.002; EDM's sigma is sigma_d tan(t) (App. B.2).
-
-
-def pseudo_huber(x, y, c=None):
-    """iCT's metric (§3.3): sqrt(||x - y||^2 + c^2) - c per sample, c = 0.00054 sqrt(d) by default (d = elements per
-    sample). ~ ||x - y||^2 / (2c) for small differences, ~ ||x - y|| for large ones. Returns [B]."""
-    diff = (_wide(x) - _wide(y)).flatten(1)
-    c = 0.00054 * math.sqrt(diff.shape[1]) if c is None else c
-    return (diff.square().sum(1) + c * c).sqrt() - c
-
-
-def ict_num_steps(k, K, s0=10, s1=1280):
-    """iCT's discretization curriculum (§3.4, Eq. 7): N(k) = min(s0 2^floor(k / K'), s1) + 1 grid points at training
-    step k of K, K' = floor(K / (log2(s1 / s0) + 1)): N doubles every K' steps from s0 + 1 to s1 + 1."""
-    K_prime = max(1, math.floor(K / (math.log2(s1 // s0) + 1)))                  # >= 1 for runs of < 8 steps
-    return min(s0 * 2 ** (k // K_prime), s1) + 1
-
-
-def cm2023_schedule(k, K, s0=2, s1=150, mu0=0.9):
-    """CM 2023's schedules (App. C): N(k) = ceil(sqrt(k / K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1 grid points and the
-    target EMA rate mu(k) = exp(s0 log(mu0) / N(k)). Returns (N, mu). Defaults: CT on CIFAR-10 (its Table 3)."""
-    N = math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
-    return N, math.exp(s0 * math.log(mu0) / N)
-
-
-def ict_interval_probs(sigmas, P_mean=-1.1, P_std=2.0):
-    """iCT's distribution over the intervals [sigma_i, sigma_{i+1}] of an ascending grid (§3.5): the mass a log-normal
-    log(sigma) ~ N(P_mean, P_std^2) puts on each, erf((log sigma_{i+1} - P_mean) / (sqrt 2 P_std)) -
-    erf((log sigma_i - P_mean) / (sqrt 2 P_std)), normalized. Returns [len(sigmas) - 1]."""
-    cdf = torch.erf((torch.as_tensor(sigmas, dtype=torch.float64).log() - P_mean) / (math.sqrt(2) * P_std))
-    p = cdf[1:] - cdf[:-1]
-    return p / p.sum()
-
-
-def cm_grid(N, sigma_d=SIGMA_D, rho=7.0):
-    """CM 2023's grid of N times (§5 and App. C: Karras et al.'s sigma_i, rho = 7, from eps = 0.002 to T = 80) in
-    TrigFlow time, its first point moved to t = 0 as dsCD's (discrete_times(N - 1)). Returns [N] ascending."""
-    return discrete_times(N - 1, sigma_d, rho)
-
-
-def sample_interval(n, ts, P_mean=None, P_std=None, sigma_d=SIGMA_D, device=None, generator=None):
-    """An interval (t_i, t_{i+1}) of the grid ts for each of n samples: uniform over the N - 1 (CM 2023, Alg. 2-3),
-    or with P_mean and P_std iCT's discretized log-normal (ict_interval_probs). Returns (t, t_prev) = (t_{i+1}, t_i)."""
-    if P_std is None:
-        p = torch.ones(len(ts) - 1, dtype=torch.float64)
-    else:
-        p = ict_interval_probs(sigma_d * ts.double().tan(), P_mean, P_std)
-    i = torch.multinomial(p.float(), n, replacement=True, generator=generator)
-    return ts[i + 1].to(device), ts[i].to(device)
-
-
-@torch.no_grad()
-def heun_step(F, x_t, t, t_prev, sigma_d=SIGMA_D):
-    """One step of the PF-ODE of F from t to t_prev < t ([B] each) by EDM's Heun (Karras et al. 2022, Alg. 1 lines
-    5-8, in x_sigma = x_t / cos t; Euler where t_prev = 0): CD's x_{t_n} from x_{t_{n+1}} (CM 2023 Alg. 2; Heun, as its
-    Table 3). Returns x_{t_prev}."""
-    t, t_prev, x_t = _wide(t), _wide(t_prev), _wide(x_t)
-    sigma, sigma_p = _bc(sigma_d * t.tan(), x_t), _bc(sigma_d * t_prev.tan(), x_t)
-    x = x_t / _bc(t.cos(), x_t)
-    d = (x - consistency_fn(F, x_t, t, sigma_d)) / sigma                     # dx/dsigma = (x - D(x, sigma)) / sigma
-    x_p = x + (sigma_p - sigma) * d                                          # Euler
-    D_p = consistency_fn(F, _bc(t_prev.cos(), x_t) * x_p, t_prev, sigma_d)
-    d_p = (x_p - D_p) / sigma_p.clamp_min(1e-30)
-    x_p = torch.where(sigma_p > 0, x + (sigma_p - sigma) * 0.5 * (d + d_p), x_p)   # Heun's correction
-    return _bc(t_prev.cos(), x_t) * x_p
-
-
-def cm_loss(F, F_target, x_t, t, x_prev, t_prev, *, metric='l2', c=None, weighting='one', sigma_d=SIGMA_D):
-    """The discrete consistency loss of a batch (CM 2023 Eq. 7 for CD and Eq. 10 for CT; iCT §3), averaged:
-
-        lambda(t) d(f_theta(x_t, t), f_theta-(x_t', t'))
-
-    F        the network with gradient; F_target the target's (theta-: an EMA of theta, or theta itself: iCT's
-             stopgrad theta, §3.2), evaluated without gradient and with the dropout mask F then draws (§3.1)
-    x_prev   x_t' at the earlier grid time t': from the same z (CT) or one teacher ODE step from x_t (CD, heun_step)
-    metric   'l2': ||.||^2 / d, the mean over elements (CM 2023's L2); 'pseudo-huber': iCT's (pseudo_huber, c)
-    weighting 'one' (CM 2023) or 'inv-dsigma': lambda = 1 / (sigma - sigma'), sigma = sigma_d tan t (iCT §3.1)
-    Returns (loss, terms): detached batch means -- loss, d (the metric) and dt (t - t')."""
-    with _same_rng(x_t.device), torch.no_grad():                              # F then draws the same dropout mask
-        f_target = consistency_fn(F_target, x_prev, t_prev, sigma_d)
-    f = consistency_fn(F, x_t, t, sigma_d)
-    if metric == 'l2':
-        d = (f - f_target).square().flatten(1).mean(1)
-    elif metric == 'pseudo-huber':
-        d = pseudo_huber(f, f_target, c)
-    else:
-        raise ValueError(f"metric must be 'l2' or 'pseudo-huber', not {metric!r}")
-    if weighting == 'inv-dsigma':
-        lam = 1 / (sigma_d * (_wide(t).tan() - _wide(t_prev).tan()))
-    elif weighting == 'one':
-        lam = torch.ones_like(d)
-    else:
-        raise ValueError(f"weighting must be 'one' or 'inv-dsigma', not {weighting!r}")
-    loss = lam * d
-    return loss.mean(), dict(loss=loss.detach().mean(), d=d.detach().mean(), dt=(_wide(t) - _wide(t_prev)).mean())
 
 
 # ---------------------------------------------------------------------------------------------------------------
