@@ -196,7 +196,8 @@ def grid_at(args, step):
     return ict_num_steps(k, args.K, args.s0, args.s1), args.mu0
 
 
-# --recipe: the discrete-time consistency distillation sCM compares against, as published ; a recipe sets only the loss, the rest is the preset's. Every value has its flag.
+# --recipe of train_scd.py: the discrete-time consistency distillation sCM compares against, as published; a recipe
+# sets only the loss, the rest is the preset's. Every value has its flag.
 CD_RECIPES = {
     'scm': dict(recipe='scm'),                                     # sCD, Alg. 1
     # CD of Consistency Models (Song et al. 2023, Table 3, CIFAR-10): N = 18, one Heun step of the teacher, mu = 0
@@ -205,8 +206,8 @@ CD_RECIPES = {
                    s_max=1.0),
 }
 
-# --recipe: the discrete-time consistency training sCM compares against, as published (trigflow.py's discrete-time
-# section); a recipe sets only the loss, the rest is the preset's. Every value has its flag.
+# --recipe of train_sct.py: the discrete-time consistency training sCM compares against, as published; a recipe sets
+# only the loss, the rest is the preset's. Every value has its flag.
 CT_RECIPES = {
     'scm': dict(recipe='scm'),                                     # sCT, Alg. 1
     # iCT (Song & Dhariwal 2024): stopgrad theta (§3.2), pseudo-Huber (§3.3), lambda = 1 / (sigma_{i+1} - sigma_i)
@@ -225,7 +226,7 @@ RECIPE_KEYS = ('grid', 'N', 's0', 's1', 'K', 'mu0', 'metric', 'huber_c', 'weight
 
 def add_recipe_args(p, recipes):
     """--recipe: sCM's loss, or a discrete-time consistency model as published (the script's RECIPES rows, each value
-    overridable by its flag below; trigflow.py's discrete-time section)."""
+    overridable by its flag below; the sections above)."""
     a = p.add_argument
     rows = '; '.join(f'{name}: ' + (', '.join(f'{k}={v}' for k, v in row.items() if k != 'recipe') or "sCM's loss")
                      for name, row in recipes.items())
