@@ -1,7 +1,7 @@
 """Offline demo: sCD and sCT on a 2-D Gaussian mixture whose TrigFlow teacher is exact, in a few CPU minutes.
 
-    python demo.py                 # ~2.5 min on 2 CPU cores, no download; writes demo.png
-    python demo.py --quick         # a much smaller run (15-20 s) that goes through every code path
+    python demo.py                 # a few minutes on a CPU, no download; writes demo.png
+    python demo.py --quick         # a much smaller run that goes through every code path
 
 Data: 8 Gaussians on a circle, component std S = 0.08, radius chosen so that the data std is sigma_d = 0.5 (sCM §3).
 A mixture's denoiser E[x0 | x_t], hence its PF-ODE, is closed-form, so the diffusion teacher is exact, not a network:
@@ -231,7 +231,7 @@ def main():
     p.add_argument('--steps', type=int, default=STEPS, help='optimizer steps per method')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='demo.png', help='the PNG of the six scatter panels')
-    p.add_argument('--quick', action='store_true', help='a much smaller run (15-20 s) that runs every code path')
+    p.add_argument('--quick', action='store_true', help='a much smaller run that runs every code path')
     p.add_argument('--adaptive-weight', action='store_true', help="the paper's learned weighting w_phi(t) (Eq. 8)")
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))                      # 2 CPU cores are enough

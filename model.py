@@ -190,7 +190,7 @@ class Block(nn.Module):
                  attn_balance=0.3,
                  clip_act=256,
                  edm2=False,              # EDM2's own modulation y * (1 + gain W emb) (its checkpoints), not ADN
-                 attention_axis='pixels'):  # 'channels': the layout of checkpoints from before 2026-12-04 (UNet)
+                 attention_axis='pixels'):  # 'channels': the layout of checkpoints from before the fix (UNet)
         super().__init__()
         self.edm2, self.attention_axis = edm2, attention_axis
         self.out_channels = out_channels
@@ -256,7 +256,7 @@ class UNet(nn.Module):
                  cfg_embed=False,           # input for the CFG scale s (guided sCD, ImageNet 512)
                  label_balance=0.5, concat_balance=0.5,
                  edm2=False,                # EDM2's own network, as its checkpoints hold it (edm_pickle.py)
-                 attention_axis='pixels'):  # 'channels': checkpoints from before 2026-12-04 attended across channels
+                 attention_axis='pixels'):  # 'channels': checkpoints from before the fix attended across channels
         super().__init__()
         self.edm2 = edm2
         levels = len(channel_mult)
@@ -682,7 +682,7 @@ def build(kwargs):
 
 
 def _with_defaults(kwargs):
-    """A checkpoint's U-Net from before 2026-12-04 (no 'attention_axis') attended across channels instead of pixels
+    """A checkpoint's U-Net from before the attention fix (no 'attention_axis') attended across channels instead of pixels
     (a bug, fixed then): it keeps that layout, so that it samples as it was trained."""
     kw = {k: v for k, v in kwargs.items() if k != 'arch'}
     if kwargs['arch'] == 'unet':

@@ -7,7 +7,7 @@ import baselines
 from cli import UserError
 
 
-OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'teacher', 'student', 'init', 'guide_net'}
+OPTIONAL = {'out', 'data_dir', 'batch_gpu', 'student', 'init', 'guide_net'}   # every other flag needs a value
 HINTS = {'data': '--data (the ImageNet presets: the .npy of `python latents.py encode`, or the .zip of '
                  '`python make_dataset.py` for ImageNet 64)',
          'teacher': '--teacher (a checkpoint.pt of train_teacher.py)'}
@@ -85,7 +85,7 @@ def parse_args(p, presets, recipes=None):
         if isinstance(v, list):
             setattr(args, k, tuple(v))
     missing = [k for k, v in vars(args).items()
-               if v is None and (k not in OPTIONAL or k == 'teacher') and k not in baselines.RECIPE_KEYS]
+               if v is None and k not in OPTIONAL and k not in baselines.RECIPE_KEYS]
     if missing:
         raise UserError(f'preset {args.preset!r} needs ' + ', '.join(HINTS.get(k, '--' + k.replace('_', '-'))
                                                                     for k in missing))

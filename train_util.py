@@ -29,8 +29,8 @@ import trigflow as tf
 
 
 def note_cpu_precision(args, device, rank):
-    """One line when a GPU preset's fp16/bf16 autocast runs on a CPU, where it is emulated and crawls (measured here:
-    the `s` teacher did not finish 2 steps of batch 2 in 12 min, 75 s/step in fp32)."""
+    """One line when a GPU preset's fp16/bf16 autocast runs on a CPU, where it is emulated and crawls (10x or more
+    slower than fp32; README: Install)."""
     if device.type == 'cpu' and args.precision != 'fp32' and rank == 0:
         print(f'note: --precision {args.precision} on a CPU is emulated, 10x or more slower than fp32; for a CPU run '
               f'pass --precision fp32', file=sys.stderr)
@@ -61,7 +61,7 @@ def load_data_all_ranks(args, rank, world):
 
 
 def teacher_attention_axis(teacher):
-    """'channels' for a U-Net teacher (read by checkpoint.read_teacher) from before 2026-12-04, whose attention ran
+    """'channels' for a U-Net teacher (read by checkpoint.read_teacher) from before the attention fix, whose attention ran
     across channels (the bug model._with_defaults describes): its student starts as exactly it only with the same
     layout. Else 'pixels'."""
     kw = teacher['model_kwargs'] if teacher else {}
