@@ -6,7 +6,7 @@
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot;
-#                                            # passes, vsd and discrete: not in the default list)
+#                                            # teacherfid, passes, vsd and discrete: not in the default list)
 #   TEACHER=checkpoints/teacher-fashion-s.pt STAGES=discrete bash reproduce.sh   # iCT and CD 2023 (~2 h, 2 cores)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
 #
@@ -64,6 +64,13 @@ fi
 [ -f "$REF" ] || $PY fid.py stats fashion-mnist --split train -n "$NUM" --out "$REF"
 grep -q "^teacher " "$R/curve.txt" 2>/dev/null || \
     put "$R/curve.txt" "teacher $(step_of "$TEACHER") 35" "$TEACHER" "$CURVE_NUM" --heun-steps 18   # the curve's line
+
+if has teacherfid; then   # the teacher's FID (Heun, 35 NFE) for two sampling seeds, as the table's rows; into a file
+    put "$R/fid.txt" "teacher-heun35 35" "$T" "$NUM" --heun-steps 18
+    put "$R/fid.txt" "teacher-heun35-seed1 35" "$T" "$NUM" --heun-steps 18 --seed 1
+    mkdir -p "$FIG/repro"
+    grep -E "^teacher-heun35" "$R/fid.txt" | tee "$FIG/repro/teacher.txt" | column -t
+fi
 
 cm() {  # cm <name> <script> [flags...]: train in chunks of EVERY steps; after each, two curve points
     local name=$1 script=$2; shift 2
