@@ -366,6 +366,52 @@ def test_avsd_gradient_follows_the_kl_on_gaussians():
     assert (ga * kl_a).sum() + (gb * kl_b).sum() > 0
 
 
+def test_avsd_fake_score_follows_the_guidance_scale():
+    """Guided Gaussians (D = 2): cond N(mu_c, s^2), uncond N(mu_u, s^2); the guided teacher at scale s is the exact
+    teacher of N(mu_s, s^2), mu_s = mu_u + s (mu_c - mu_u) (F is affine in the mean: checked). A student exact at
+    every s (g(z', s) ~ N(mu_s, s^2)), with s ~ U[1, 2] per sample as in training: when F_phi sees s (the exact
+    score of the student at each sample's s) the VSD gradient is zero; when it ignores s (the exact score of the
+    student's samples pooled over s, a mixture) it is not -- the right student would be pushed away."""
+    mu_c, mu_u = torch.tensor([0.4, -0.3], dtype=torch.float64), torch.tensor([-0.2, 0.1], dtype=torch.float64)
+    s = torch.tensor([0.3, 0.2], dtype=torch.float64)
+    n = 4000
+    torch.manual_seed(0)
+    scale = 1 + torch.rand(n, 1, dtype=torch.float64)                            # s ~ U[1, 2], as s_max = 2
+    mu_s = mu_u + scale * (mu_c - mu_u)                                          # [n, D]
+    u, tt = torch.randn(n, 2, dtype=torch.float64), torch.rand(n, dtype=torch.float64) * 1.4 + 0.05
+    guided = tf.guided(F_teacher(mu_c, s), F_teacher(mu_u, s), scale.flatten())
+    assert rel(guided(u, tt), F_teacher(mu_s, s)(u, tt)) < 1e-12                 # the guided teacher, closed form
+    p, q = mu_u.clone().requires_grad_(), (mu_c - mu_u).clone().requires_grad_()  # the student: g = p + s q + ...
+    z1 = torch.randn(n, 2, dtype=torch.float64) * SD
+    x0 = p + scale * q + s * z1 / SD                                             # exact at every s
+    t = tf.sample_t(n, 0.4, 2.0).to(torch.float64)
+    z = torch.randn_like(x0) * SD
+    centers = mu_u + torch.linspace(1, 2, 64, dtype=torch.float64)[:, None] * (mu_c - mu_u)   # pooled over s
+    pooled = tf.F_from_denoiser(mixture_denoiser(centers, s.mean()))
+    grads = {}
+    for name, F_fake in (('sees s', F_teacher(mu_s, s)), ('ignores s', pooled)):
+        loss, _ = tf.avsd_loss(x0, F_teacher(mu_s, s), F_fake, t, z)
+        grads[name] = torch.cat(torch.autograd.grad(loss, (p, q), retain_graph=True)).abs().max().item()
+    assert grads['sees s'] == 0 and grads['ignores s'] > 1e-2, grads
+
+
+def test_vsd_losses_give_the_fake_score_s_and_score_in_eval_mode():
+    """train_scd.vsd_losses: F_phi is called with each sample's CFG scale s, in eval mode when it scores the
+    student's samples (no dropout) and in train mode for its own diffusion loss."""
+    import train_scd
+    calls = []
+
+    class Fake(torch.nn.Module):
+        def forward(self, u, t, labels, s=None):
+            calls.append((s, self.training))
+            return torch.zeros_like(u)
+    net = lambda u, t, labels, s=None: torch.zeros_like(u)                       # noqa: E731
+    x0, labels, s = torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 2]), torch.tensor([1.2, 1.5, 1.9])
+    fake = Fake().train()
+    train_scd.vsd_losses(net, net, fake, x0, labels, s, P_vsd=(0.4, 2.0), P_fake=(-0.8, 1.6))
+    assert [(c is s, training) for c, training in calls] == [(True, False), (True, True)] and fake.training, calls
+
+
 def test_avsd_alone_moves_a_gaussian_generator_to_the_data():
     """Gradient steps on the VSD loss alone, the fake score kept exact (a perfectly trained F_phi), take N(a, b^2)
     from far off to the data's N(mu, s^2)."""
@@ -2968,7 +3014,9 @@ LOSS_RUNS = {   # method -> the script and flags; every run: fashion-s, batch 8,
 @pytest.mark.parametrize('method', list(LOSS_RUNS))
 def test_first_steps_keep_their_recorded_losses(method, tmp_path):
     """The first 3 steps of each method (log.jsonl: the loss, its terms, the gradient norms) equal those recorded
-    before the training scripts were restructured (test_scm_losses.json, written by the same runs), to rounding."""
+    before the training scripts were restructured (test_scm_losses.json, written by the same runs), to rounding.
+    scd-vsd was recorded again when F_phi began to score in eval mode and see s (a change of the method, not of the
+    code's shape)."""
     ckpts = dict(T=os.path.join(ROOT, 'checkpoints', 'teacher-fashion-s.pt'),
                  S=os.path.join(ROOT, 'checkpoints', 'scd-fashion-s.pt'))
     script, *flags = [a.format(**ckpts) for a in LOSS_RUNS[method]]

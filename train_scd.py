@@ -113,18 +113,21 @@ def scd_loss(net, teacher, x0, labels, *, wnet=None, P_mean, P_std, r, s_max=1.0
 def vsd_losses(net, teacher, fake, x0, labels, s, *, wvsd=None, wfake=None, P_vsd, P_fake, guide=None):
     """sCD + adaptive VSD's extra terms for one batch (§5.2, App. C; trigflow.avsd_loss): the student's 1-step
     samples x_gen = g_theta(z') from t_max, (1) the VSD loss for the student, whose gradient moves x_gen along
-    F_phi - F_pretrain, with the teacher guided at the student's own CFG scale s and F_phi unguided (it models the
-    student's samples, whatever their s); (2) F_phi's TrigFlow diffusion loss (Eq. 4) on the detached samples,
-    with its own adaptive weight. net: the student with gradient (the module, not a DDP wrapper: its gradient joins
-    sCD's in the same backward, which DDP all-reduces once); fake: F_phi, DDP-wrapped. Returns
-    (student loss, F_phi's loss, terms)."""
+    F_phi - F_pretrain, with the teacher guided at the student's own CFG scale s; (2) F_phi's TrigFlow diffusion loss
+    (Eq. 4) on the detached samples, with its own adaptive weight. F_phi sees each sample's s (its CFG input,
+    zero-initialized: it starts as the teacher), so it models the student's samples at that scale, not their mixture
+    over s: a student right at every s is then a fixed point (test_avsd_fake_score_follows_the_guidance_scale). It
+    scores in eval mode (no dropout), as FastGen's DMD2 does, and trains in train mode. net: the student with
+    gradient (the module, not a DDP wrapper: its gradient joins sCD's in the same backward, which DDP all-reduces
+    once); fake: F_phi, DDP-wrapped. Returns (student loss, F_phi's loss, terms)."""
     B, sd = x0.shape[0], tf.SIGMA_D
     x_gen = tf.one_step(lambda u, t: net(u, t, labels, s), torch.randn_like(x0) * sd)     # z' ~ N(0, sigma_d^2 I)
     t = tf.sample_t(B, *P_vsd, device=x0.device)                                    # Table 5: (0.4, 2.0)
-    vsd, terms = tf.avsd_loss(x_gen, teacher_F(teacher, labels, s, guide), lambda u, t: fake(u, t, labels), t,
-                              torch.randn_like(x_gen) * sd, w=None if wvsd is None else wvsd(t))
+    with tu.eval_mode(fake):
+        vsd, terms = tf.avsd_loss(x_gen, teacher_F(teacher, labels, s, guide), lambda u, t: fake(u, t, labels, s), t,
+                                  torch.randn_like(x_gen) * sd, w=None if wvsd is None else wvsd(t))
     t_fake = tf.sample_t(B, *P_fake, device=x0.device)                              # Table 5: (-0.8, 1.6)
-    fake_loss, fake_mse = tf.diffusion_loss(lambda u, t: fake(u, t, labels), x_gen.detach(), t_fake,
+    fake_loss, fake_mse = tf.diffusion_loss(lambda u, t: fake(u, t, labels, s), x_gen.detach(), t_fake,
                                             torch.randn_like(x_gen) * sd, w=None if wfake is None else wfake(t_fake))
     return vsd, fake_loss, dict(terms, fake_loss=fake_loss.detach(), fake_mse=fake_mse.mean())
 
@@ -228,16 +231,16 @@ def main():
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     # A recipe's target theta-: an EMA of theta (CM 2023), or theta itself when mu0 = 0.
     target = copy.deepcopy(net).requires_grad_(False) if args.recipe != 'scm' and args.mu0 > 0 else None
-    # sCD + aVSD (App. C): F_phi starts as the teacher's EMA (UNCONFIRMED; as rCM), unguided, no EMA, its own
-    # optimizer at the student's lr; w_psi(t) weighs the VSD loss, w(t) F_phi's diffusion loss.
+    # sCD + aVSD (App. C): F_phi starts as the teacher's EMA (UNCONFIRMED; as rCM), sees the student's CFG scale s,
+    # no EMA, the student's lr; w_psi(t) weighs the VSD loss, w(t) F_phi's diffusion loss.
     vsd = {}
     if args.vsd:
-        vsd = dict(fake=model.build(dict(model_kwargs, cfg_embed=False)).to(device),
+        vsd = dict(fake=model.build(model_kwargs).to(device),           # the student's: the CFG input too
                    wvsd=tf.AdaptiveWeight().to(device), wfake=tf.AdaptiveWeight().to(device))
-        if {k: v.shape for k, v in vsd['fake'].state_dict().items()} != \
-                {k: v.shape for k, v in teacher.state_dict().items()}:
+        if {k: v.shape for k, v in teacher.state_dict().items() if 'cfg' not in k} != \
+                {k: v.shape for k, v in vsd['fake'].state_dict().items() if 'cfg' not in k}:
             raise cli.UserError('--vsd: F_phi starts as the teacher, which needs the student\'s architecture')
-        vsd['fake'].load_state_dict(teacher.state_dict())
+        ck.start_from(vsd['fake'], teacher)                               # its CFG input starts at 0
     # One optimizer; F_phi (and its w(t)) in a group of its own at the same settings (Table 5: the student's lr), whose
     # gradient norm is logged apart (fake_grad_norm).
     opt = tu.optimizer(args, [dict(params=[*net.parameters(), *wnet.parameters(),

@@ -213,6 +213,17 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
 
 
+@contextlib.contextmanager
+def eval_mode(module):
+    """module in eval mode (dropout off) inside the block, its own mode after."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
 def grad_norms(opt, drop_nonfinite=False):
     """{term: gradient norm} of each parameter group ('grad_norm' unless the group names its own 'term', as sCD +
     aVSD's F_phi does). drop_nonfinite (fp16): a non-finite norm is left out, since the GradScaler skips that step
