@@ -3029,3 +3029,24 @@ def test_first_steps_keep_their_recorded_losses(method, tmp_path):
         assert set(w) <= set(g), (sorted(w), sorted(g))
         for k, v in w.items():
             assert g[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (method, g['step'], k, g[k], v)
+
+
+def test_edm_pickles_of_another_form_get_one_line():
+    """EDM pickle records whose constructor arguments are missing or of another type, an ADM network and a
+    sigma_data mismatch: each one line that says which (tracebacks and misleading lines before)."""
+    import edm_pickle
+
+    def precond(pre=None, **unet):
+        child = edm_pickle.Persistent(dict(type='class', class_name='SongUNet', state=dict(_init_kwargs=unet)))
+        return edm_pickle.Persistent(dict(type='class', class_name='EDMPrecond', state=dict(
+            _init_kwargs=dict(dict(model_type='SongUNet'), **(pre or {})), _modules=dict(model=child))))
+    song = dict(img_resolution=16, in_channels=1, out_channels=1, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                attn_resolutions=[8])
+    for obj, match in [(precond(**{k: v for k, v in song.items() if k != 'in_channels'}), "KeyError: 'in_channels'"),
+                       (precond(**dict(song, channel_mult=2)), 'not of the form EDM/EDM2 write'),
+                       (precond(dict(model_type='DhariwalUNet'), **song), 'DhariwalUNet; this converts'),
+                       (precond(dict(sigma_data=0.6), **song), 'sigma_data 0.6; TrigFlow here needs 0.5'),
+                       (precond(**dict(song, out_channels=2)), 'in_channels 1 and out_channels 2 differ')]:
+        with pytest.raises(cli.UserError, match=re.escape(match)) as e:
+            edm_pickle.convert(obj, 'x.pkl')
+        assert '\n' not in str(e.value) and 'embedding_type' not in str(e.value)
