@@ -263,8 +263,9 @@ def main():
 
     default_device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     get_model = functools.cache(lambda device=None: inception.load_inception(args.inception, device or default_device))
-    if not (args.command == 'fid' and all(str(s).endswith('.npz') for s in (args.a, args.b))):
-        get_model()                                    # the weights read and checked before any work
+    needs_weights = not (args.command == 'fid' and all(str(s).endswith('.npz') for s in (args.a, args.b)))
+    if needs_weights and (args.inception or inception.default_weights(download=False)):
+        get_model()                    # weights on disk: read and checked before any work (a download waits)
     {'stats': cmd_stats, 'fid': cmd_fid, 'noise': cmd_noise, 'checkpoint': cmd_checkpoint}[args.command](
         args, get_model)
 

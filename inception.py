@@ -309,15 +309,16 @@ def read_torchscript(path):
     return out
 
 
-def default_weights():
-    """$SCM_INCEPTION; else $SCM_DATA/inception/ (~/.cache/scm/inception/) with either file; else download."""
+def default_weights(download=True):
+    """$SCM_INCEPTION; else $SCM_DATA/inception/ (~/.cache/scm/inception/) with either file; else download (or, with
+    download=False, None)."""
     if os.environ.get('SCM_INCEPTION'):
         return os.path.expanduser(os.environ['SCM_INCEPTION'])
     folder = os.path.join(data.default_data_dir(), 'inception')
     for name in (TORCHSCRIPT_NAME, PTH_NAME):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
-    return download_weights(folder)
+    return download_weights(folder) if download else None
 
 
 def download_weights(folder):

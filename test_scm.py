@@ -3021,7 +3021,7 @@ def test_first_steps_keep_their_recorded_losses(method, tmp_path):
                  S=os.path.join(ROOT, 'checkpoints', 'scd-fashion-s.pt'))
     script, *flags = [a.format(**ckpts) for a in LOSS_RUNS[method]]
     run_script(script, *flags, '--batch', 8, '--steps', 3, '--log-every', 1, '--sample-every', 0, '--seed', 0,
-               '--out', tmp_path / 'run')
+               '--data-dir', SHARED_DATA, '--out', tmp_path / 'run')
     got = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
     want = json.load(open(os.path.join(ROOT, 'test_scm_losses.json')))[method]
     assert len(got) == len(want) == 3
