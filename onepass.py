@@ -252,13 +252,14 @@ def _attention_tangent(xs, ts, y, scale=None, block=ATTENTION_BLOCK):
     [L, L] score, softmax and S_t tensors exist only block x L at a time; block >= L is the explicit form."""
     (q, k, v), (q_t, k_t, v_t) = xs, ts
     s = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, q_t = q * s, None if q_t is None else q_t * s            # the scale on [L, d], not on the [L, L] scores
     out = []
     for i in range(0, q.shape[-2], block):
         rows = slice(i, i + block)
-        P = (q[..., rows, :] @ k.transpose(-2, -1)).to(_wide(q.dtype)).mul(s).softmax(dim=-1)
+        P = (q[..., rows, :] @ k.transpose(-2, -1)).to(_wide(q.dtype)).softmax(dim=-1)
         S_t = _add(None if q_t is None else q_t[..., rows, :] @ k.transpose(-2, -1),
                    None if k_t is None else q[..., rows, :] @ k_t.transpose(-2, -1))
-        A = None if S_t is None else P * S_t.to(P.dtype) * s                         # P * S_t
+        A = None if S_t is None else P * S_t.to(P.dtype)                             # P * S_t
         out.append(_add(None if A is None else A.to(v.dtype) @ v - A.sum(-1, keepdim=True) * y[..., rows, :].to(P.dtype),
                         None if v_t is None else P.to(v.dtype) @ v_t))
     return None if out[0] is None else out[0] if len(out) == 1 else torch.cat(out, dim=-2)
