@@ -39,15 +39,14 @@ class ReadError(Exception):
 class Record:
     """A foreign object as data. BUILD calls `_build(state)`, which checks the state and returns what stands for the
     object from then on (itself, or plain data built from the state)."""
-    module_like = False    # a network module: check_tree refuses one reached twice
 
     def _build(self, state):
         raise ReadError(f'BUILD on {type(self).__name__}')
 
 
 class ModuleRecord(Record):
-    """A module (a persistence object, a stock torch.nn container, a TorchScript module): its class and __dict__."""
-    module_like = True
+    """A module (a persistence object, a stock torch.nn container, a TorchScript module): its class and __dict__.
+    check_tree refuses one reached twice."""
     default_name = ''
 
     def __new__(cls, *args, **kwargs):                # NEWOBJ calls __new__ alone: the record is whole after it
