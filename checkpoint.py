@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import shutil
+import sys
 
 import torch
 
@@ -67,7 +68,15 @@ def load(path):
         if key in ckpt:
             check_weights(ckpt[key], f'{path}: its {key!r}')
     check_model_kwargs(ckpt['model_kwargs'], path)
+    kw = ckpt['model_kwargs']
+    if kw.get('arch') == 'unet' and 'attention_axis' not in kw and path not in _NOTED:
+        _NOTED.add(path)           # model._with_defaults keeps its layout: it samples and teaches as it was trained
+        print(f'note: {path} predates the U-Net attention fix (its attention runs across channels, kept as trained)',
+              file=sys.stderr)
     return ckpt
+
+
+_NOTED = set()                                                      # checkpoints whose old layout was noted
 
 
 def check_weights(state, what):

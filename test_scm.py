@@ -3050,3 +3050,16 @@ def test_edm_pickles_of_another_form_get_one_line():
         with pytest.raises(cli.UserError, match=re.escape(match)) as e:
             edm_pickle.convert(obj, 'x.pkl')
         assert '\n' not in str(e.value) and 'embedding_type' not in str(e.value)
+
+
+def test_a_checkpoint_from_before_the_attention_fix_says_so_once(tmp_path):
+    """The shipped scd-fashion-s.pt predates the U-Net attention fix: it samples as trained, with one note line
+    saying so; the retrained teacher (teacher-fashion-s-v2.pt) has EDM2's attention and prints none."""
+    old = run_script('sample.py', os.path.join(ROOT, 'checkpoints', 'scd-fashion-s.pt'), '-n', 2, '--grid',
+                     tmp_path / 'a.png')
+    notes = [line for line in old.stderr.splitlines() if line.startswith('note:')]
+    assert len(notes) == 1 and 'predates the U-Net attention fix' in notes[0] and os.path.exists(tmp_path / 'a.png')
+    new = run_script('sample.py', os.path.join(ROOT, 'checkpoints', 'teacher-fashion-s-v2.pt'), '-n', 2,
+                     '--heun-steps', 2, '--grid', tmp_path / 'b.png')
+    assert 'predates' not in new.stderr and torch.load(os.path.join(ROOT, 'checkpoints', 'teacher-fashion-s-v2.pt'),
+                                                      weights_only=True)['model_kwargs']['attention_axis'] == 'pixels'
