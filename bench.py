@@ -284,6 +284,10 @@ def main():
         for k in kinds:
             print(f'  {k:12s} {med[k]:8.3f} {med[k] / med["diffusion"]:12.2f} {args.batch / med[k]:9.1f} {mem[k]:9.0f} '
                   f'{mem[k] / mem["diffusion"]:12.2f}')
+        pairs = [(one, one + ' 2-pass') for one in ('sCT', 'sCD') if one + ' 2-pass' in kinds]
+        print('  one pass / two passes, the median of the rounds\' own ratios (each round times both, back to back): ' +
+              ', '.join(f'{one} {statistics.median(a / b for a, b in zip(times[one], times[two])):.3f} (rounds '
+                        + ' '.join(f'{a / b:.2f}' for a, b in zip(times[one], times[two])) + ')' for one, two in pairs))
         fwd, jvp, jvp_stock = med['forward'], med['JVP pass'], med['JVP pass, stock']
         print(f'  where the time goes: a no-grad forward {fwd:.3f} s, the JVP pass alone {jvp:.3f} s ({jvp / fwd:.2f} '
               f'forwards; {jvp_stock / fwd:.2f} with PyTorch\'s rules), the diffusion step {med["diffusion"] / fwd:.2f} '

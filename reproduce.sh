@@ -29,7 +29,7 @@ PY=${PY:-python}
 R=${R:-runs/repro-$PRESET}       # the run folder (override for a smoke run)
 FIG=${FIG:-figures}              # where the plot stage writes hero.png and repro/fid-vs-{steps,tmid}.png
 T=$R/teacher/checkpoint.pt
-TEACHER=${TEACHER:-$T}               # the discrete stage's teacher: e.g. checkpoints/teacher-fashion-s.pt, the shipped one
+TEACHER=${TEACHER:-$T}               # the students' teacher: e.g. checkpoints/teacher-fashion-s-v2.pt, the shipped one
 REF=$R/ref-train-$NUM.npz            # the reference: the first NUM training images
 mkdir -p "$R/grids"
 
@@ -66,8 +66,8 @@ grep -q "^teacher " "$R/curve.txt" 2>/dev/null || \
     put "$R/curve.txt" "teacher $(step_of "$TEACHER") 35" "$TEACHER" "$CURVE_NUM" --heun-steps 18   # the curve's line
 
 if has teacherfid; then   # the teacher's FID (Heun, 35 NFE) for two sampling seeds, as the table's rows; into a file
-    put "$R/fid.txt" "teacher-heun35 35" "$T" "$NUM" --heun-steps 18
-    put "$R/fid.txt" "teacher-heun35-seed1 35" "$T" "$NUM" --heun-steps 18 --seed 1
+    put "$R/fid.txt" "teacher-heun35 35" "$TEACHER" "$NUM" --heun-steps 18
+    put "$R/fid.txt" "teacher-heun35-seed1 35" "$TEACHER" "$NUM" --heun-steps 18 --seed 1
     mkdir -p "$FIG/repro"
     grep -E "^teacher-heun35" "$R/fid.txt" | tee "$FIG/repro/teacher.txt" | column -t
 fi
@@ -76,7 +76,7 @@ cm() {  # cm <name> <script> [flags...]: train in chunks of EVERY steps; after e
     local name=$1 script=$2; shift 2
     local s=$EVERY
     while [ "$s" -le "$CM_STEPS" ]; do
-        train "$script" "$R/$name" "$s" --teacher "$T" "$@"
+        train "$script" "$R/$name" "$s" --teacher "$TEACHER" "$@"
         put "$R/curve.txt" "$name $s 1" "$R/$name/checkpoint.pt" "$CURVE_NUM" --steps 1
         put "$R/curve.txt" "$name $s 2" "$R/$name/checkpoint.pt" "$CURVE_NUM" --steps 2
         s=$((s + EVERY))
@@ -93,8 +93,8 @@ row() {  # row <name> <NFE> <checkpoint> [sampler flags...]: one line of the fin
     [ -f "$R/grids/$name.png" ] || $PY sample.py "$ckpt" --grid "$R/grids/$name.png" -n 64 "$@" > /dev/null
 }
 if has table; then
-    row teacher-heun35 35 "$T" --heun-steps 18
-    put "$R/fid.txt" "teacher-heun35-seed1 35" "$T" "$NUM" --heun-steps 18 --seed 1                  # the noise
+    row teacher-heun35 35 "$TEACHER" --heun-steps 18
+    put "$R/fid.txt" "teacher-heun35-seed1 35" "$TEACHER" "$NUM" --heun-steps 18 --seed 1                  # the noise
     put "$R/fid.txt" "curve-scd-2step-seed1 2" "$R/scd/checkpoint.pt" "$CURVE_NUM" --steps 2 --seed 1   # the curve's
     for m in scd sct dscd1024 dscd64; do
         n=$(step_of "$R/$m/checkpoint.pt")   # the table is of final students only
@@ -127,8 +127,8 @@ if has tmid; then   # is the paper's t = 1.1 (tuned on ImageNet) what limits 2-s
 fi
 if has passes; then   # the one-pass sCD step against the two-pass form: the same teacher, seed and batches
     PASS_STEPS=${PASS_STEPS:-300}
-    OMP_NUM_THREADS=1 train train_scd.py "$R/scd-1pass" "$PASS_STEPS" --teacher "$T" --log-every 10 &
-    OMP_NUM_THREADS=1 train train_scd.py "$R/scd-2pass" "$PASS_STEPS" --teacher "$T" --log-every 10 --two-pass &
+    OMP_NUM_THREADS=1 train train_scd.py "$R/scd-1pass" "$PASS_STEPS" --teacher "$TEACHER" --log-every 10 &
+    OMP_NUM_THREADS=1 train train_scd.py "$R/scd-2pass" "$PASS_STEPS" --teacher "$TEACHER" --log-every 10 --two-pass &
     wait %1 && wait %2
     for seed in 0 1; do
         for m in 1pass 2pass; do
@@ -145,7 +145,7 @@ if has vsd; then   # sCD + aVSD (App. C) against sCD alone, both continuing the 
     VSD_STEPS=${VSD_STEPS:-300}
     S=$R/scd/checkpoint.pt
     [ "$(step_of "$S")" -ge 1 ] || { echo "error: $S missing; run the scd stage first" >&2; exit 1; }
-    vsd_run() { PRESET=$PRESET-vsd train train_scd.py "$R/$1" "$VSD_STEPS" --teacher "$T" --student "$S" --vsd "$2"; }
+    vsd_run() { PRESET=$PRESET-vsd train train_scd.py "$R/$1" "$VSD_STEPS" --teacher "$TEACHER" --student "$S" --vsd "$2"; }
     OMP_NUM_THREADS=1 vsd_run scd-cont 0 &
     OMP_NUM_THREADS=1 vsd_run scd-vsd 1 &
     wait %1 && wait %2
