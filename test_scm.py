@@ -1328,6 +1328,22 @@ def test_heun_converges_to_exact_ode_solution():
     assert len(calls) == 35
 
 
+def test_samplers_in_fp32_keep_their_times_in_double_precision():
+    """t_max = arctan(80 / sd) = 1.5645 rounds in fp32 by up to 6e-8, which moves cos t by 1e-5 of itself; the samplers
+    take t and its trig factors in double precision, so an fp32 sample equals the fp64 one to fp32 rounding (the
+    Gaussian teacher and consistency function, evaluated in the sample's own precision)."""
+    mu, s = gauss_params()
+    torch.manual_seed(0)
+    z = torch.randn(256, 6, dtype=torch.float64) * SD
+    eps = torch.randn(256, 6, dtype=torch.float64)
+    for F, sample in ((F_teacher, lambda F, z: tf.sample_heun(F, z, 18)),
+                      (F_consistency, lambda F, z: tf.sample_consistency(F, z)),
+                      (F_consistency, lambda F, z: tf.sample_consistency(F, z, (tf.T_MAX, tf.T_MID),
+                                                                         randn_like=lambda x: eps.to(x.dtype)))):
+        x32, x64 = (sample(F(mu.to(d), s.to(d)), z.to(d)) for d in (torch.float32, torch.float64))
+        assert ((x32.double() - x64).abs().max() / x64.abs().max()).item() < 1e-6    # fp32 t: Heun 7.5e-6
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training scripts: short runs on a tiny synthetic image folder (no download), resume, DDP, bad inputs.
 

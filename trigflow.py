@@ -58,7 +58,12 @@ def velocity(F, x_t, t, sigma_d=SIGMA_D):
 
 def consistency_fn(F, x_t, t, sigma_d=SIGMA_D):
     """f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t) (Eq. 5); f(x, 0) = x exactly. The same formula is
-    the diffusion model's denoiser D(x_t, t) (Eq. 23): one DDIM step from t to 0."""
+    the diffusion model's denoiser D(x_t, t) (Eq. 23): one DDIM step from t to 0. t: a tensor [B], or one number for
+    the batch, as the samplers pass it: then cos t and sin t are taken in double precision and F sees t in x_t's
+    precision (near t_max = 1.5645 an fp32 t is off by up to 6e-8, which moves cos t by 1e-5 of itself)."""
+    if not torch.is_tensor(t):
+        cos, sin, t = math.cos(t), math.sin(t), torch.full((x_t.shape[0],), t, device=x_t.device, dtype=_wide(x_t).dtype)
+        return cos * x_t - sin * velocity(F, x_t, t, sigma_d)
     return _bc(t.cos(), x_t) * x_t - _bc(t.sin(), x_t) * velocity(F, x_t, t, sigma_d)
 
 
@@ -281,7 +286,7 @@ def scm_loss(F, x_t, t, dxdt, *, w=None, r=1.0, c=0.1, tangent_norm='rms', tange
 def one_step(F, z, t_max=T_MAX, sigma_d=SIGMA_D):
     """The CM as a generator, g_theta(z') = f_theta(z', t_max) for z' ~ N(0, sigma_d^2 I): the 1-step sample (App. C
     writes pi/2, Table 5 t_max = arctan(80 / sigma_d); we use t_max, the 1-step sampler's start, 0.006 from pi/2)."""
-    return consistency_fn(F, z, torch.full((z.shape[0],), t_max, device=z.device, dtype=z.dtype), sigma_d)
+    return consistency_fn(F, z, float(t_max), sigma_d)
 
 
 def avsd_loss(x0, F_teacher, F_fake, t, z, *, w=None, sigma_d=SIGMA_D):
@@ -325,11 +330,10 @@ def sample_consistency(F, z, ts=(T_MAX,), sigma_d=SIGMA_D, randn_like=torch.rand
     time t: re-noise x_t = cos(t) x0 + sin(t) sigma_d eps and x0 = f(x_t, t). z ~ N(0, sigma_d^2 I) stands for
     x_{t_max}. ts=(T_MAX,) is 1 step; (T_MAX, T_MID) is the paper's 2 steps. randn_like draws eps (pass a seeded
     one for reproducible per-image noise)."""
-    B = z.shape[0]
-    x0 = consistency_fn(F, z, torch.full((B,), float(ts[0]), device=z.device, dtype=_wide(z).dtype), sigma_d)
+    x0 = consistency_fn(F, z, float(ts[0]), sigma_d)             # a number: the trig factors in double precision
     for t in ts[1:]:
         x_t = math.cos(t) * x0 + math.sin(t) * sigma_d * randn_like(x0)
-        x0 = consistency_fn(F, x_t, torch.full((B,), float(t), device=z.device, dtype=_wide(z).dtype), sigma_d)
+        x0 = consistency_fn(F, x_t, float(t), sigma_d)
     return x0
 
 
@@ -347,14 +351,13 @@ def sample_heun(F, z, num_steps=18, sigma_d=SIGMA_D, sigma_min=SIGMA_MIN, sigma_
     (App. G.1; written in TrigFlow in App. B.1). 2 num_steps - 1 NFE: 18 steps = 35 NFE (CIFAR-10), 32 steps = 63
     NFE (ImageNet).
     z ~ N(0, sigma_d^2 I) stands for x_{t_max}, t_max = arctan(sigma_max / sigma_d)."""
-    B = z.shape[0]
     sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
 
     def D(x_sigma, sigma):                       # EDM denoiser from TrigFlow F (Eq. 23 with x_t = cos t x_sigma)
-        t = t_from_sigma(torch.full((B,), sigma, dtype=torch.float64), sigma_d).to(z.device, _wide(z).dtype)
-        return consistency_fn(F, x_t_from_edm(x_sigma, t), t, sigma_d)
+        t = math.atan(sigma / sigma_d)           # t, cos t and sin t in double precision (see consistency_fn)
+        return consistency_fn(F, math.cos(t) * x_sigma, t, sigma_d)
 
-    x = x_edm_from_t(z, torch.full((B,), math.atan(sigma_max / sigma_d), device=z.device, dtype=_wide(z).dtype))
+    x = z / math.cos(math.atan(sigma_max / sigma_d))
     for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
         d = (x - D(x, s_cur)) / s_cur
         x_next = x + (s_next - s_cur) * d
