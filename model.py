@@ -17,7 +17,8 @@ Choices made here where the sCM paper is silent:
   * Adaptive double normalization (ADN, §4.1) y = norm(x) * pnorm(s(t)) + pnorm(b(t)). In the DiT and the MLP,
     which have a shift natively, both terms are used. EDM2's block has a scale only (c = 1 + gain * W emb); we
     normalize both the feature map and that scale, and add no shift: a shift would add ~5% parameters, while
-    the paper's Tables 4-5 list exactly EDM2's counts (280.2M ... 1523.4M), which this keeps (test_param_counts).
+    the paper's Tables 4-5 list EDM2's counts (S, M exactly; L, XL, XXL 0.10-0.24M above EDM2's code), and these
+    networks have exactly EDM2's (test_param_counts).
 """
 import math
 

@@ -134,6 +134,7 @@ def main():
     s = sub.add_parser('hero', help='teacher | sCD 1 step | sCD 2 steps from the grids of reproduce.sh')
     s.add_argument('grids', help='folder holding teacher-heun35.png, scd-1step.png, scd-2step.png')
     s.add_argument('out', help='the PNG to write')
+    s.add_argument('--panels', nargs='+', metavar='NAME=CAPTION', help='other grids of the folder, with captions')
     s = sub.add_parser('curve', help='FID vs training step from curve.txt (needs matplotlib)')
     s.add_argument('curve', help="reproduce.sh's curve.txt")
     s.add_argument('out', help='the PNG to write')
@@ -147,7 +148,7 @@ def main():
     s.add_argument('out', help='the PNG to write')
     args = p.parse_args()
     if args.command == 'hero':
-        hero(args.grids, args.out)
+        hero(args.grids, args.out, *([[kv.split('=', 1) for kv in args.panels]] if args.panels else []))
     elif args.command == 'curve':
         curve(args.curve, args.out)
     elif args.command == 'passes':

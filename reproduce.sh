@@ -6,7 +6,7 @@
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot;
-#                                            # teacherfid, passes, vsd and discrete: not in the default list)
+#                                            # teacherfid, passes, vsd, discrete, demo, edits: not in the default list)
 #   TEACHER=checkpoints/teacher-fashion-s.pt STAGES=discrete bash reproduce.sh   # iCT and CD 2023 (~2 h, 2 cores)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
 #
@@ -156,6 +156,35 @@ if has vsd; then   # sCD + aVSD (App. C) against sCD alone, both continuing the 
     column -t "$R/vsd.txt"
     mkdir -p "$FIG/repro"
     cp "$R/vsd.txt" "$FIG/repro/"
+    for m in scd-cont scd-vsd; do for n in 1 2; do   # the same noise in all four panels
+        [ -f "$R/grids/$m-${n}step.png" ] || $PY sample.py "$R/$m/checkpoint.pt" --steps $n --grid "$R/grids/$m-${n}step.png" -n 64 > /dev/null
+    done; done
+    $PY plot.py hero "$R/grids" "$FIG/repro/vsd.png" --panels scd-cont-1step="sCD, 1 NFE" scd-cont-2step="sCD, 2 NFE" \
+        scd-vsd-1step="sCD + aVSD, 1 NFE" scd-vsd-2step="sCD + aVSD, 2 NFE"
+fi
+if has demo; then   # the offline demo (a 2-D mixture whose teacher is exact), three seeds: its table and picture
+    mkdir -p "$FIG"
+    for seed in 0 1 2; do
+        [ -f "$FIG/demo-seed$seed.txt" ] || $PY demo.py --seed $seed --out "$FIG/demo.png" | grep -v '^wrote' > "$FIG/demo-seed$seed.txt.tmp"
+        [ -f "$FIG/demo-seed$seed.txt" ] || mv "$FIG/demo-seed$seed.txt.tmp" "$FIG/demo-seed$seed.txt"
+    done
+    $PY demo.py --seed 0 --out "$FIG/demo.png" > /dev/null     # the picture is seed 0's
+fi
+if has edits; then   # CM 2023's zero-shot edits with the table's sCD student, on the first Fashion-MNIST test image
+    E=$FIG/edits; S=$R/scd/checkpoint.pt; mkdir -p "$E"
+    label=$($PY -c "
+import sys, numpy as np, data
+from PIL import Image
+d = data.load_dataset('fashion-mnist', split='test')
+x, y = d[0]
+Image.fromarray(data.to_uint8(x[None])[0, :, :, 0], 'L').save(sys.argv[1])
+m = np.zeros((28, 28), np.uint8); m[:, 14:] = 255                   # white = generate: the right half
+Image.fromarray(m, 'L').save(sys.argv[2])
+print(y)" "$E/item.png" "$E/mask.png")
+    $PY edit.py "$S" inpaint --input "$E/item.png" --mask "$E/mask.png" --label "$label"
+    $PY edit.py "$S" superres --input "$E/item.png" --label "$label"
+    $PY edit.py "$S" denoise --input "$E/item.png" --label "$label"
+    $PY edit.py "$S" interpolate --label "$label" --grid "$E/interpolate.png"
 fi
 if has discrete; then   # issue 23: the discrete-time CMs as published against sCT and sCD: the same teacher and budget
     OMP_NUM_THREADS=1 train train_sct.py "$R/ict" "$CM_STEPS" --teacher "$TEACHER" --recipe ict --K "$CM_STEPS" &

@@ -280,7 +280,7 @@ def scm_loss(F, x_t, t, dxdt, *, w=None, r=1.0, c=0.1, tangent_norm='rms', tange
 # ---------------------------------------------------------------------------------------------------------------
 # sCD + adaptive VSD (§5.2, App. C): a "fake score" diffusion model F_phi, trained on the student's own 1-step
 # samples, adds a distribution-matching gradient to sCD's. The paper gives the loss; the steps between are
-# reconstructed here (the spec's §4), and the choices it leaves open are the README's.
+# reconstructed here (the spec's §4), and the choices it leaves open are CHOICES.md's.
 
 
 def one_step(F, z, t_max=T_MAX, sigma_d=SIGMA_D):
