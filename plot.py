@@ -57,10 +57,13 @@ def curve(path, out):
 
 def tmid(path, curve_path, out):
     """2-step sCD FID against the intermediate time t of the sampler (reproduce.sh's tmid.txt: "<t> <FID>"), the
-    paper's t = 1.1 marked, the teacher's FID and x 1.10 / x 1.15 from curve.txt as horizontal lines."""
+    paper's t = 1.1 marked, the teacher's FID (tmid.txt's "teacher" line, else curve.txt's) and x 1.10 / x 1.15 as
+    horizontal lines."""
     plt = pyplot()
-    pts = sorted((float(r[0]), float(r[1])) for r in read_rows(path))
-    teacher = [float(r[3]) for r in read_rows(curve_path) if r[0] == 'teacher']
+    rows = read_rows(path)
+    pts = sorted((float(r[0]), float(r[1])) for r in rows if r[0] != 'teacher')
+    teacher = ([float(r[1]) for r in rows if r[0] == 'teacher'] or     # on tmid.txt's own reference, if it has one
+               [float(r[3]) for r in read_rows(curve_path) if r[0] == 'teacher'])
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.plot(*zip(*pts), '-o', ms=4, color='C0', label='sCD, 2 steps (0 -> t -> 0)')
     ax.axvline(1.1, color='C0', lw=0.6, ls=':', label='paper: t = 1.1')

@@ -12,7 +12,8 @@
 #
 # Writes runs/repro-$PRESET/: {teacher,scd,sct,dscd1024,dscd64}/ (checkpoints, logs, grids), ref-train-$NUM.npz,
 # curve.txt ("<method> <step> <NFE> <FID with CURVE_NUM samples>"), fid.txt ("<row> <NFE> <FID with NUM samples>"),
-# tmid.txt ("<t> <FID>": the final sCD's 2 steps through t, CURVE_NUM samples), grids/*.png; then
+# tmid.txt ("<t> <FID>": the final sCD's 2 steps through t, CURVE_NUM samples, against the held-out test images,
+# ref-test-$NUM.npz; the best t then scores every student in fid.txt as "<student>-2step-t<t>"), grids/*.png; then
 # figures/repro/ (the grids, the three .txt files, and fid-vs-steps.png and fid-vs-tmid.png, which need matplotlib),
 # figures/hero.png and the table it prints.
 # Datasets come from $SCM_DATA (or are downloaded to ~/.cache/scm and checked).
@@ -110,19 +111,19 @@ if has table; then
          printf "FID(sCD 2-step) - FID(dsCD 2-step): N = 1024 %.2f, N = 64 %.2f (goal < 0); teacher seed 0 vs 1: %.2f\n", f["scd-2step"] - f["dscd1024-2step"], f["scd-2step"] - f["dscd64-2step"], f["teacher-heun35"] - f["teacher-heun35-seed1"]
          printf "noise of the curve (%d samples): sCD 2-step at the last step, seed 0 vs 1: %.2f\n", cn, c0 - f["curve-scd-2step-seed1"]}' "$R/fid.txt"
 fi
-if has tmid; then   # is the paper's t = 1.1 (tuned on ImageNet) what limits 2-step sCD here? The curve has t = 1.1.
-    if ! grep -q "^1.1 " "$R/tmid.txt" 2>/dev/null; then
-        c=$(curve_at scd "$CM_STEPS" 2)
-        echo "1.1 $c" >> "$R/tmid.txt"
-    fi
+if has tmid; then   # the intermediate time (paper: 1.1, tuned on ImageNet), chosen on a held-out reference, scored on the table's
+    HELD=$R/ref-test-$NUM.npz            # held out: the first NUM test images, which score no row of the table
+    [ -f "$HELD" ] || $PY fid.py stats fashion-mnist --split test -n "$NUM" --out "$HELD"
     t_max=$($PY -c 'import trigflow; print(trigflow.T_MAX)')
-    for tm in 0.5 0.65 0.8 0.95 1.25 1.4; do
-        put "$R/tmid.txt" "$tm" "$R/scd/checkpoint.pt" "$CURVE_NUM" --ts "$t_max" "$tm"
+    REF=$HELD put "$R/tmid.txt" teacher "$TEACHER" "$CURVE_NUM" --heun-steps 18      # the plot's line
+    for tm in 0.5 0.65 0.8 0.95 1.1 1.25 1.4; do
+        REF=$HELD put "$R/tmid.txt" "$tm" "$R/scd/checkpoint.pt" "$CURVE_NUM" --ts "$t_max" "$tm"
     done
-    echo "sCD 2-step FID ($CURVE_NUM samples) at step $CM_STEPS against the intermediate time t (paper: 1.1):"
-    sort -n "$R/tmid.txt"
-    for m in scd dscd1024 dscd64; do   # the best t on the curve, in the table's FID ($NUM samples): into fid.txt
-        if [ -f "$R/$m/checkpoint.pt" ]; then put "$R/fid.txt" "$m-2step-t0.8 2" "$R/$m/checkpoint.pt" "$NUM" --ts "$t_max" 0.8; fi
+    echo "sCD 2-step FID ($CURVE_NUM samples, against the held-out test images) by intermediate time t:"
+    sort -g "$R/tmid.txt"
+    best=$(grep -v '^teacher' "$R/tmid.txt" | sort -k2 -g | head -1 | cut -d' ' -f1)
+    for m in scd sct dscd1024 dscd64; do   # every student's 2-step FID at sCD's best t, in the table's terms
+        if [ -f "$R/$m/checkpoint.pt" ]; then put "$R/fid.txt" "$m-2step-t$best 2" "$R/$m/checkpoint.pt" "$NUM" --ts "$t_max" "$best"; fi
     done
 fi
 if has passes; then   # the one-pass sCD step against the two-pass form: the same teacher, seed and batches
