@@ -6,7 +6,8 @@
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot;
-#                                            # teacherfid, passes, vsd, discrete, demo, edits: not in the default list)
+#                                            # teacherfid, passes, vsd, discrete, demo, edits, scds1, screen: not in
+#                                            # the default list; SCREEN_LRS="3e-4" STAGES=screen: one lever at a time)
 #   TEACHER=checkpoints/teacher-fashion-s.pt STAGES=discrete bash reproduce.sh   # iCT and CD 2023 (~2 h, 2 cores)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
 #
@@ -87,6 +88,24 @@ has scd && cm scd train_scd.py
 has sct && cm sct train_sct.py
 has dscd1024 && cm dscd1024 train_scd.py --discrete 1024
 has dscd64 && cm dscd64 train_scd.py --discrete 64
+has scds1 && cm scds1 train_scd.py --s-max 1        # sCD unguided, like CD 2023 (whose recipe sets s_max = 1)
+
+if has screen; then   # levers screened on short runs (SCREEN_STEPS, CURVE_NUM-sample FIDs) before a full run is spent
+    SCREEN_STEPS=${SCREEN_STEPS:-1000}
+    screen() {  # screen <name> <script> [flags...]: the baseline is the full run's curve point at SCREEN_STEPS
+        local name=$1 script=$2; shift 2
+        train "$script" "$R/screen-$name" "$SCREEN_STEPS" --teacher "$TEACHER" "$@"
+        for n in 1 2; do put "$R/screen.txt" "$name $SCREEN_STEPS $n" "$R/screen-$name/checkpoint.pt" "$CURVE_NUM" --steps $n; done
+    }
+    for lr in ${SCREEN_LRS:-3e-4 1e-4}; do   # the paper's CM rows train at 1/100 of the teacher's rate; the preset at 1/10
+        screen "sct-lr$lr" train_sct.py --lr "$lr"
+        screen "scd-lr$lr" train_scd.py --lr "$lr"
+    done
+    mkdir -p "$FIG/repro"
+    cp "$R/screen.txt" "$FIG/repro/"
+    echo "levers after $SCREEN_STEPS steps, FID ($CURVE_NUM samples; the presets' own points are curve.txt's):"
+    column -t "$R/screen.txt"
+fi
 
 row() {  # row <name> <NFE> <checkpoint> [sampler flags...]: one line of the final table, and its grid
     local name=$1 nfe=$2 ckpt=$3; shift 3
