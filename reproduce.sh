@@ -6,7 +6,7 @@
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot;
-#                                            # teacherfid, passes, vsd, discrete, demo, edits, scds1, screen: not in
+#                                            # teacherfid, passes, vsd, discrete, demo, edits, scds1, screen, ship: not in
 #                                            # the default list; SCREEN_LRS="3e-4" STAGES=screen: one lever at a time)
 #   STAGES=discrete bash reproduce.sh        # iCT and CD 2023, from the same teacher (~2 h, 2 cores)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
@@ -125,6 +125,18 @@ if has table; then
          for (k in f) if (k ~ /-[12]step$/) printf " %s %.3f", k, f[k] / t; printf "\n"}' "$R/fid.txt"
     mkdir -p "$FIG/repro"
     cp "$R/fid.txt" "$FIG/repro/"
+fi
+if has ship; then   # the table's teacher and sCD student as checkpoints/ (EMA weights only), and their FIDs by the README's
+    # command, which must equal the table's rows (same weights, sampler and seed): written to figures/repro/shipped.txt
+    n=$(step_of "$R/scd/checkpoint.pt")
+    [ "$n" -ge "$CM_STEPS" ] || { echo "error: $R/scd is at step $n of $CM_STEPS; run its stage first" >&2; exit 1; }
+    $PY checkpoint.py export "$TEACHER" "checkpoints/teacher-$PRESET.pt"
+    $PY checkpoint.py export "$R/scd/checkpoint.pt" "checkpoints/scd-$PRESET.pt"
+    mkdir -p "$FIG/repro"; rm -f "$FIG/repro/shipped.txt"
+    put "$FIG/repro/shipped.txt" "teacher-$PRESET.pt-heun35 35" "checkpoints/teacher-$PRESET.pt" "$NUM" --heun-steps 18
+    put "$FIG/repro/shipped.txt" "scd-$PRESET.pt-1step 1" "checkpoints/scd-$PRESET.pt" "$NUM" --steps 1
+    put "$FIG/repro/shipped.txt" "scd-$PRESET.pt-2step 2" "checkpoints/scd-$PRESET.pt" "$NUM" --steps 2
+    column -t "$FIG/repro/shipped.txt"
 fi
 if has tmid; then   # the intermediate time (paper: 1.1, tuned on ImageNet), chosen on a held-out reference, scored on the table's
     HELD=$R/ref-test-$NUM.npz            # held out: the first NUM test images, which score no row of the table
