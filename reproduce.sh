@@ -111,7 +111,9 @@ row() {  # row <name> <NFE> <checkpoint> [sampler flags...]: one line of the fin
 if has table; then
     row teacher-heun35 35 "$TEACHER" --heun-steps 18
     put "$R/fid.txt" "teacher-heun35-seed1 35" "$TEACHER" "$NUM" --heun-steps 18 --seed 1                  # the noise
-    put "$R/fid.txt" "curve-scd-2step-seed1 2" "$R/scd/checkpoint.pt" "$CURVE_NUM" --steps 2 --seed 1   # the curve's
+    if [ "$(step_of "$R/scd/checkpoint.pt")" -ge "$CM_STEPS" ]; then   # the noise of the curve's last sCD point
+        put "$R/fid.txt" "curve-scd-2step-seed1 2" "$R/scd/checkpoint.pt" "$CURVE_NUM" --steps 2 --seed 1
+    fi
     for m in scd sct dscd1024 dscd64 scds1 ict cd2023; do
         n=$(step_of "$R/$m/checkpoint.pt")   # the table is of final students only: the others wait for their stage
         if [ "$n" -lt "$CM_STEPS" ]; then echo "note: $R/$m is at step $n of $CM_STEPS: not in the table yet"; continue; fi
