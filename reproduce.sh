@@ -192,13 +192,14 @@ if has vsd; then   # sCD + aVSD (App. C) against sCD alone, both continuing the 
     $PY plot.py hero "$R/grids" "$FIG/repro/vsd.png" --panels scd-cont-1step="sCD, 1 NFE" scd-cont-2step="sCD, 2 NFE" \
         scd-vsd-1step="sCD + aVSD, 1 NFE" scd-vsd-2step="sCD + aVSD, 2 NFE"
 fi
-if has demo; then   # the offline demo (a 2-D mixture whose teacher is exact), three seeds: its table and picture
+if has demo; then   # the offline demo (a 2-D mixture whose teacher is exact), three seeds: its table and picture (seed 0's)
     mkdir -p "$FIG"
     for seed in 0 1 2; do
-        [ -f "$FIG/demo-seed$seed.txt" ] || $PY demo.py --seed $seed --out "$FIG/demo.png" | grep -v '^wrote' > "$FIG/demo-seed$seed.txt.tmp"
-        [ -f "$FIG/demo-seed$seed.txt" ] || mv "$FIG/demo-seed$seed.txt.tmp" "$FIG/demo-seed$seed.txt"
+        f=$FIG/demo-seed$seed.txt
+        [ -f "$f" ] && continue
+        if [ "$seed" = 0 ]; then png=$FIG/demo.png; else png=$R/demo-seed$seed.png; fi
+        $PY demo.py --seed $seed --out "$png" | grep -v '^wrote' > "$f.tmp" && mv "$f.tmp" "$f"
     done
-    $PY demo.py --seed 0 --out "$FIG/demo.png" > /dev/null     # the picture is seed 0's
 fi
 if has edits; then   # CM 2023's zero-shot edits with the table's sCD student, on the first Fashion-MNIST test image
     E=$FIG/edits; S=$R/scd/checkpoint.pt; mkdir -p "$E"
