@@ -13,7 +13,8 @@ For each model size, one optimizer step of each kind, in rotation so that load o
   sCD stock      one pass through the same network with PyTorch's own rules for every op, as a network of stock
                  layers gets: autograd records the tangent (model.py's primitives keep it from doing so)
   stock-dit      (a size) a 16.6M DiT of stock layers (StockDiT): diffusion, sCD through onepass.OnePass, its two
-                 passes, and 'sCD stock', one pass with PyTorch's own rules: what a copier's own network gets
+                 passes with the same rules, 'sCD 2-pass stock', two passes with PyTorch's own rules (what a copier's
+                 two-pass code runs), and 'sCD stock', one pass with PyTorch's own rules: what a copier's network gets
   sCD+aVSD       sCD plus App. C's adaptive VSD: the student's 1-step samples (a forward with gradient), the teacher
                  and the fake score F_phi at noised samples (no grad), and F_phi's diffusion step (train_scd.py --vsd)
 and sampling: 1 and 2 consistency steps against the teacher's EDM Heun with 18 steps (35 NFE).
@@ -138,7 +139,7 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
                 if kind.startswith('sCD'):
                     with torch.no_grad():
                         dxdt = tf.velocity(lambda u, t: teacher(u, t, labels), x_t, t)
-                loss, _ = tf.scm_loss(F, x_t, t, dxdt, w=wnet(t), two_pass=kind.endswith('2-pass'), jvp=jvp)
+                loss, _ = tf.scm_loss(F, x_t, t, dxdt, w=wnet(t), two_pass='2-pass' in kind, jvp=jvp)
                 if kind == 'sCD+aVSD':
                     x_gen = tf.one_step(F, torch.randn_like(x0) * tf.SIGMA_D)
                     F_fake = lambda u, t: fake(u, t, labels)
@@ -167,7 +168,7 @@ def make_step(kind, net, teacher, wnet, opt, x0, labels, amp):
 
 
 KINDS = ('diffusion', 'sCT', 'sCD', 'sCT 2-pass', 'sCD 2-pass', 'sCD stock', 'sCD+aVSD')
-STOCK_KINDS = ('diffusion', 'sCD', 'sCD 2-pass', 'sCD stock')   # stock-dit: sCD through onepass.OnePass
+STOCK_KINDS = ('diffusion', 'sCD', 'sCD 2-pass', 'sCD 2-pass stock', 'sCD stock')   # stock-dit: sCD through onepass.OnePass
 PARTS = ('forward', 'JVP pass', 'JVP pass, stock')   # timed alongside the steps (no memory measured)
 
 
@@ -280,13 +281,13 @@ def main():
         mem = {k: measure_memory(args, size, k) for k in kinds}
         print(f'\n{size}: {type(net).__name__} {n_params:.2f}M parameters, {tuple(x0.shape[1:])}, batch {args.batch}'
               + (' (the largest that fits)' if auto else ''))
-        print(f'  {"step":12s} {"s/step":>8s} {"x diffusion":>12s} {"images/s":>9s} {"peak MB":>9s} {"x diffusion":>12s}')
+        print(f'  {"step":16s} {"s/step":>8s} {"x diffusion":>12s} {"images/s":>9s} {"peak MB":>9s} {"x diffusion":>12s}')
         for k in kinds:
-            print(f'  {k:12s} {med[k]:8.3f} {med[k] / med["diffusion"]:12.2f} {args.batch / med[k]:9.1f} {mem[k]:9.0f} '
+            print(f'  {k:16s} {med[k]:8.3f} {med[k] / med["diffusion"]:12.2f} {args.batch / med[k]:9.1f} {mem[k]:9.0f} '
                   f'{mem[k] / mem["diffusion"]:12.2f}')
-        pairs = [(one, one + ' 2-pass') for one in ('sCT', 'sCD') if one + ' 2-pass' in kinds]
+        pairs = [(one, two) for one in ('sCT', 'sCD') for two in (one + ' 2-pass', one + ' 2-pass stock') if two in kinds]
         print('  one pass / two passes, the median of the rounds\' own ratios (each round times both, back to back): ' +
-              ', '.join(f'{one} {statistics.median(a / b for a, b in zip(times[one], times[two])):.3f} (rounds '
+              ', '.join(f'{one} / {two} {statistics.median(a / b for a, b in zip(times[one], times[two])):.3f} (rounds '
                         + ' '.join(f'{a / b:.2f}' for a, b in zip(times[one], times[two])) + ')' for one, two in pairs))
         fwd, jvp, jvp_stock = med['forward'], med['JVP pass'], med['JVP pass, stock']
         print(f'  where the time goes: a no-grad forward {fwd:.3f} s, the JVP pass alone {jvp:.3f} s ({jvp / fwd:.2f} '

@@ -2765,6 +2765,7 @@ def test_bench_runs_every_kind():
         for kind in kinds:
             row = re.search(rf'^  {re.escape(kind)} +([0-9.]+) +([0-9.]+) +[0-9.]+ +(-?[0-9.]+) ', out, re.M)
             assert row and float(row[1]) > 0, (kind, p.stdout)
+    assert re.search(r'sCD / sCD 2-pass [0-9.]+ \(rounds [0-9. ]+\), sCD / sCD 2-pass stock [0-9.]+', stock), stock
 
 
 def test_plot_hero_puts_the_grids_side_by_side(tmp_path):
