@@ -27,30 +27,53 @@ class Interrupted(Exception):
 
 def main_guard(main):
     """Run main(); print user errors as one `error:` line and exit 2; a stopped non-finite run exits 3, a run stopped
-    by a signal 4, a program interrupted outside a training loop 130."""
+    by a signal 4, a program interrupted outside a training loop 130. Under torchrun the process group is torn down
+    here and the process leaves with os._exit, after flushing: see _leave."""
+    try:
+        code = _outcome(main)
+    except BaseException:                # a bug: its traceback as usual
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        _leave(code)
+    if code:
+        sys.exit(code)
+
+
+def _outcome(main):
+    """main()'s exit code: 0, or that of an expected stop, after printing its one line."""
     try:
         main()
         if dist.is_initialized():
             dist.barrier()          # every rank done with its collectives before any tears the group down
+        return 0
     except (UserError, data.DataError, safe_pickle.ReadError) as e:
-        _close_bars()
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        return _say(f'error: {e}', 2)
     except NonFiniteError as e:
-        _close_bars()
-        print(f'stopped: {e}', file=sys.stderr)
-        sys.exit(3)
+        return _say(f'stopped: {e}', 3)
     except Interrupted as e:
-        _close_bars()
-        print(f'interrupted: {e}', file=sys.stderr)
-        sys.exit(4)
+        return _say(f'interrupted: {e}', 4)
     except KeyboardInterrupt:
-        _close_bars()
-        print('interrupted', file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        return _say('interrupted', 130)
+
+
+def _say(line, code):
+    _close_bars()
+    print(line, file=sys.stderr)
+    return code
+
+
+def _leave(code):
+    """Exit a torchrun worker without the interpreter's finalization. A DDP module keeps the process group alive after
+    destroy_process_group (torch 2.13), so its gloo worker threads outlive it; one that releases the last collective
+    while the interpreter finalizes needs the GIL for a tensor's Python object and aborts the process
+    ('terminate called without an active exception', seen in a core dump: ~AsyncAllgatherWork -> decref_pyobject ->
+    take_gil -> pthread_exit). Every file is written and closed by now (atomic writes), so nothing is lost."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _close_bars():
