@@ -7,7 +7,8 @@
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot;
 #                                            # teacherfid, passes, vsd, discrete, demo, edits, scds1, screen, ship: not in
-#                                            # the default list; SCREEN_LRS="3e-4" STAGES=screen: one lever at a time)
+#                                            # the default list; SCREEN_LRS="3e-4" SCREEN_METHODS=sct STAGES=screen: one
+#                                            # lever at a time)
 #   STAGES=discrete bash reproduce.sh        # iCT and CD 2023, from the same teacher (~2 h, 2 cores)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
 #
@@ -94,8 +95,7 @@ if has screen; then   # levers screened on short runs (SCREEN_STEPS, CURVE_NUM-s
         for n in 1 2; do put "$R/screen.txt" "$name $SCREEN_STEPS $n" "$R/screen-$name/checkpoint.pt" "$CURVE_NUM" --steps $n; done
     }
     for lr in ${SCREEN_LRS:-3e-4 1e-4}; do   # the paper's CM rows train at 1/100 of the teacher's rate; the preset at 1/10
-        screen "sct-lr$lr" train_sct.py --lr "$lr"
-        screen "scd-lr$lr" train_scd.py --lr "$lr"
+        for m in ${SCREEN_METHODS:-sct scd}; do screen "$m-lr$lr" "train_$m.py" --lr "$lr"; done
     done
     mkdir -p "$FIG/repro"
     cp "$R/screen.txt" "$FIG/repro/"
