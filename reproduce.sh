@@ -97,9 +97,17 @@ if has screen; then   # levers screened on short runs (SCREEN_STEPS, CURVE_NUM-s
     for lr in ${SCREEN_LRS:-3e-4 1e-4}; do   # the paper's CM rows train at 1/100 of the teacher's rate; the preset at 1/10
         for m in ${SCREEN_METHODS:-sct scd}; do screen "$m-lr$lr" "train_$m.py" --lr "$lr"; done
     done
+    for m in ${SCREEN_METHODS:-sct scd}; do   # the baseline: the preset's own run at the same step, from the curve
+        for n in 1 2; do
+            line=$(grep "^$m $SCREEN_STEPS $n " "$R/curve.txt" 2>/dev/null || true)
+            if [ -n "$line" ] && ! grep -q "^$m-preset $SCREEN_STEPS $n " "$R/screen.txt"; then
+                echo "$m-preset ${line#$m }" >> "$R/screen.txt"
+            fi
+        done
+    done
     mkdir -p "$FIG/repro"
     cp "$R/screen.txt" "$FIG/repro/"
-    echo "levers after $SCREEN_STEPS steps, FID ($CURVE_NUM samples; the presets' own points are curve.txt's):"
+    echo "levers after $SCREEN_STEPS steps, FID ($CURVE_NUM samples; <method>-preset: the preset's own run):"
     column -t "$R/screen.txt"
 fi
 
