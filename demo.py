@@ -12,11 +12,8 @@ the log-normal time proposal, Adam, an EMA to sample from. The learned weighting
 Prints the squared MMD (RBF kernel, h = 0.1, x 1e3) between 50k samples of each sampler and 50k fresh draws of the
 mixture: a second data sample (the estimate's floor), the teacher's ODE (EDM Heun, 18 steps = 35 NFE), sCD and sCT
 with 1 and 2 steps (1 and 2 NFE), the untrained student, and pure noise N(0, sigma_d^2 I); then sCD 1-step / teacher
-ODE, which should be <= 1.2. Seed 0 prints about
-
-    data 0.04, teacher ODE 0.90, sCD 1-step 0.41, sCD 2-step 0.06, sCT 1-step 6.7, sCT 2-step 2.4, untrained 562,
-    noise 45; sCD 1-step / teacher ODE = 0.45  (seeds 1 and 2: 0.45 and 0.51)
-
+ODE, which should be <= 1.2. What seeds 0, 1 and 2 print is in figures/demo-seed{0,1,2}.txt (seed 2's sCD misses
+the goal: REPRODUCTION.md, "The offline demo"),
 and writes demo.png: 5000 points each of the data, the teacher ODE, and sCD and sCT with 1 and 2 steps.
 """
 import argparse
