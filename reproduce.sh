@@ -32,7 +32,7 @@ PY=${PY:-python}
 R=${R:-runs/repro-$PRESET}       # the run folder (override for a smoke run)
 FIG=${FIG:-figures}              # where the plot stage writes hero.png and repro/fid-vs-{steps,tmid}.png
 T=$R/teacher/checkpoint.pt
-TEACHER=${TEACHER:-$T}               # the students' teacher: e.g. checkpoints/teacher-fashion-s-v2.pt, the shipped one
+TEACHER=${TEACHER:-$T}               # the students' teacher: e.g. checkpoints/teacher-fashion-s.pt, the shipped one
 REF=$R/ref-train-$NUM.npz            # the reference: the first NUM training images
 mkdir -p "$R/grids"
 

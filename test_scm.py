@@ -3016,7 +3016,7 @@ def test_flags_that_would_be_ignored_or_wrong_get_one_line(image_folder, tiny_te
 # ---------------------------------------------------------------------------------------------------------------
 # Issue 33's guard: restructuring the training scripts changes no number.
 
-LOSS_RUNS = {   # method -> the script and flags; every run: fashion-s, batch 8, seed 0, 3 steps, the shipped checkpoints
+LOSS_RUNS = {   # method -> the script and flags; every run: fashion-s, batch 8, seed 0, 3 steps, the -v1 checkpoints
     'teacher': ['train_teacher.py', '--preset', 'fashion-s'],
     'scd': ['train_scd.py', '--preset', 'fashion-s', '--teacher', '{T}'],
     'scd-vsd': ['train_scd.py', '--preset', 'fashion-s-vsd', '--teacher', '{T}', '--student', '{S}', '--vsd', '1'],
@@ -3036,8 +3036,8 @@ def test_first_steps_keep_their_recorded_losses(method, tmp_path):
     before the training scripts were restructured (test_scm_losses.json, written by the same runs), to rounding.
     scd-vsd was recorded again when F_phi began to score in eval mode and see s (a change of the method, not of the
     code's shape)."""
-    ckpts = dict(T=os.path.join(ROOT, 'checkpoints', 'teacher-fashion-s.pt'),
-                 S=os.path.join(ROOT, 'checkpoints', 'scd-fashion-s.pt'))
+    ckpts = dict(T=os.path.join(ROOT, 'checkpoints', 'teacher-fashion-s-v1.pt'),   # the files they were recorded with
+                 S=os.path.join(ROOT, 'checkpoints', 'scd-fashion-s-v1.pt'))
     script, *flags = [a.format(**ckpts) for a in LOSS_RUNS[method]]
     run_script(script, *flags, '--batch', 8, '--steps', 3, '--log-every', 1, '--sample-every', 0, '--seed', 0,
                '--data-dir', SHARED_DATA, '--out', tmp_path / 'run')
@@ -3072,13 +3072,13 @@ def test_edm_pickles_of_another_form_get_one_line():
 
 
 def test_a_checkpoint_from_before_the_attention_fix_says_so_once(tmp_path):
-    """The shipped scd-fashion-s.pt predates the U-Net attention fix: it samples as trained, with one note line
-    saying so; the retrained teacher (teacher-fashion-s-v2.pt) has EDM2's attention and prints none."""
-    old = run_script('sample.py', os.path.join(ROOT, 'checkpoints', 'scd-fashion-s.pt'), '-n', 2, '--grid',
+    """scd-fashion-s-v1.pt predates the U-Net attention fix: it samples as trained, with one note line saying so;
+    the shipped teacher (teacher-fashion-s.pt, retrained after the fix) has EDM2's attention and prints none."""
+    old = run_script('sample.py', os.path.join(ROOT, 'checkpoints', 'scd-fashion-s-v1.pt'), '-n', 2, '--grid',
                      tmp_path / 'a.png')
     notes = [line for line in old.stderr.splitlines() if line.startswith('note:')]
     assert len(notes) == 1 and 'predates the U-Net attention fix' in notes[0] and os.path.exists(tmp_path / 'a.png')
-    new = run_script('sample.py', os.path.join(ROOT, 'checkpoints', 'teacher-fashion-s-v2.pt'), '-n', 2,
+    new = run_script('sample.py', os.path.join(ROOT, 'checkpoints', 'teacher-fashion-s.pt'), '-n', 2,
                      '--heun-steps', 2, '--grid', tmp_path / 'b.png')
-    assert 'predates' not in new.stderr and torch.load(os.path.join(ROOT, 'checkpoints', 'teacher-fashion-s-v2.pt'),
+    assert 'predates' not in new.stderr and torch.load(os.path.join(ROOT, 'checkpoints', 'teacher-fashion-s.pt'),
                                                       weights_only=True)['model_kwargs']['attention_axis'] == 'pixels'
