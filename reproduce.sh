@@ -10,6 +10,7 @@
 #                                            # the default list; SCREEN_LRS="3e-4" SCREEN_METHODS=sct STAGES=screen: one
 #                                            # lever at a time)
 #   STAGES=discrete bash reproduce.sh        # iCT and CD 2023, from the same teacher (~2 h, 2 cores)
+#   METHODS=dscd64 STAGES="table tmid" bash reproduce.sh   # one student's rows only (two such runs side by side)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
 #
 # Writes runs/repro-$PRESET/: {teacher,scd,sct,dscd1024,dscd64}/ (checkpoints, logs, grids), ref-train-$NUM.npz,
@@ -28,6 +29,7 @@ CM_STEPS=${CM_STEPS:-3000}           # sCD, sCT and both dsCD train this many st
 EVERY=${EVERY:-500}                  # a curve point every EVERY steps
 TEACHER_STEPS=${TEACHER_STEPS:-}     # empty: the preset's step count
 STAGES=${STAGES:-teacher scd sct dscd1024 dscd64 table tmid plot}
+METHODS=${METHODS:-scd sct dscd1024 dscd64 scds1 ict cd2023}   # the students the table and tmid rows cover (when final)
 PY=${PY:-python}
 R=${R:-runs/repro-$PRESET}       # the run folder (override for a smoke run)
 FIG=${FIG:-figures}              # where the plot stage writes hero.png and repro/fid-vs-{steps,tmid}.png
@@ -122,7 +124,7 @@ if has table; then
     if [ "$(step_of "$R/scd/checkpoint.pt")" -ge "$CM_STEPS" ]; then   # the noise of the curve's last sCD point
         put "$R/fid.txt" "curve-scd-2step-seed1 2" "$R/scd/checkpoint.pt" "$CURVE_NUM" --steps 2 --seed 1
     fi
-    for m in scd sct dscd1024 dscd64 scds1 ict cd2023; do
+    for m in $METHODS; do
         n=$(step_of "$R/$m/checkpoint.pt")   # the table is of final students only: the others wait for their stage
         if [ "$n" -lt "$CM_STEPS" ]; then echo "note: $R/$m is at step $n of $CM_STEPS: not in the table yet"; continue; fi
         row "$m-1step" 1 "$R/$m/checkpoint.pt" --steps 1
@@ -159,8 +161,10 @@ if has tmid; then   # the intermediate time (paper: 1.1, tuned on ImageNet), cho
     echo "sCD 2-step FID ($CURVE_NUM samples, against the held-out test images) by intermediate time t:"
     sort -g "$R/tmid.txt"
     best=$(grep -v '^teacher' "$R/tmid.txt" | sort -k2 -g | head -1 | cut -d' ' -f1)
-    for m in scd sct dscd1024 dscd64; do   # every student's 2-step FID at sCD's best t, in the table's terms
-        if [ -f "$R/$m/checkpoint.pt" ]; then put "$R/fid.txt" "$m-2step-t$best 2" "$R/$m/checkpoint.pt" "$NUM" --ts "$t_max" "$best"; fi
+    for m in $METHODS; do   # every final student's 2-step FID at sCD's best t, in the table's terms
+        if [ "$(step_of "$R/$m/checkpoint.pt")" -ge "$CM_STEPS" ]; then
+            put "$R/fid.txt" "$m-2step-t$best 2" "$R/$m/checkpoint.pt" "$NUM" --ts "$t_max" "$best"
+        fi
     done
 fi
 if has passes; then   # the one-pass sCD step against the two-pass form: the same teacher, seed and batches
