@@ -6,7 +6,7 @@
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot;
-#                                            # teacherfid, passes, vsd, discrete, demo, edits, scds1, screen, ship: not in
+#                                            # teacherfid, passes, vsd, discrete, demo, edits, scds1, screen, levers, ship: not in
 #                                            # the default list; SCREEN_LRS="3e-4" SCREEN_METHODS=sct STAGES=screen: one
 #                                            # lever at a time)
 #   STAGES=discrete bash reproduce.sh        # iCT and CD 2023, from the same teacher (~2 h, 2 cores)
@@ -111,6 +111,22 @@ if has screen; then   # levers screened on short runs (SCREEN_STEPS, CURVE_NUM-s
     cp "$R/screen.txt" "$FIG/repro/"
     echo "levers after $SCREEN_STEPS steps, FID ($CURVE_NUM samples; <method>-preset: the preset's own run):"
     column -t "$R/screen.txt"
+fi
+
+if has levers; then   # levers that need their own teacher, each run in its own folder (LEVER_RUNS, made by the commands in
+    # REPRODUCTION.md), beside this run: their sCD at LEVER_STEP as a ratio to their own teacher, on the curve's scale.
+    # Line: "<run> <teacher steps> <teacher FID> <method> <step> <NFE> <FID> <FID / teacher FID>"
+    LEVER_STEP=${LEVER_STEP:-1000}
+    mkdir -p "$FIG/repro"; out=$FIG/repro/levers.txt; : > "$out.tmp"
+    for d in "$R" ${LEVER_RUNS:-runs/repro-fashion-s-t6000 runs/repro-fashion}; do
+        if ! grep -q "^scd $LEVER_STEP " "$d/curve.txt" 2>/dev/null; then echo "note: $d has no sCD at step $LEVER_STEP yet"; continue; fi
+        awk -v run="${d##*/}" -v s="$LEVER_STEP" 'NR == FNR { if ($1 == "teacher") { ts = $2; tf = $4 }; next }
+            $1 == "scd" && $2 == s { printf "%s %s %s %s %s %s %s %.3f\n", run, ts, tf, $1, $2, $3, $4, $4 / tf }' \
+            "$d/curve.txt" "$d/curve.txt" >> "$out.tmp"
+    done
+    mv "$out.tmp" "$out"
+    echo "sCD at step $LEVER_STEP against its own teacher (FID with $CURVE_NUM samples):"
+    column -t "$out"
 fi
 
 row() {  # row <name> <NFE> <checkpoint> [sampler flags...]: one line of the final table, and its grid
