@@ -8,7 +8,7 @@
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot;
 #                                            # teacherfid, passes, vsd, discrete, demo, edits, scds1, screen, levers, ship: not in
 #                                            # the default list; SCREEN_LRS="3e-4" SCREEN_METHODS=sct STAGES=screen: one
-#                                            # lever at a time)
+#                                            # lever at a time; SCREEN_BATCH=512 adds the batch, for the same images)
 #   STAGES=discrete bash reproduce.sh        # iCT and CD 2023, from the same teacher (~2 h, 2 cores)
 #   METHODS=dscd64 STAGES="table tmid" bash reproduce.sh   # one student's rows only (two such runs side by side)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
@@ -91,13 +91,20 @@ has scds1 && cm scds1 train_scd.py --s-max 1        # sCD unguided, like CD 2023
 
 if has screen; then   # levers screened on short runs (SCREEN_STEPS, CURVE_NUM-sample FIDs) before a full run is spent
     SCREEN_STEPS=${SCREEN_STEPS:-1000}
-    screen() {  # screen <name> <script> [flags...]: the baseline is the full run's curve point at SCREEN_STEPS
-        local name=$1 script=$2; shift 2
-        train "$script" "$R/screen-$name" "$SCREEN_STEPS" --teacher "$TEACHER" "$@"
-        for n in 1 2; do put "$R/screen.txt" "$name $SCREEN_STEPS $n" "$R/screen-$name/checkpoint.pt" "$CURVE_NUM" --steps $n; done
+    screen() {  # screen <name> <script> <steps> [flags...]: the baseline is the full run's curve point at SCREEN_STEPS
+        local name=$1 script=$2 steps=$3; shift 3
+        train "$script" "$R/screen-$name" "$steps" --teacher "$TEACHER" "$@"
+        for n in 1 2; do put "$R/screen.txt" "$name $steps $n" "$R/screen-$name/checkpoint.pt" "$CURVE_NUM" --steps $n; done
     }
     for lr in ${SCREEN_LRS:-3e-4 1e-4}; do   # the paper's CM rows train at 1/100 of the teacher's rate; the preset at 1/10
-        for m in ${SCREEN_METHODS:-sct scd}; do screen "$m-lr$lr" "train_$m.py" --lr "$lr"; done
+        for m in ${SCREEN_METHODS:-sct scd}; do
+            if [ -n "${SCREEN_BATCH:-}" ]; then   # a larger batch (the paper's CM rows: 2048) for as many images as the
+                b0=$($PY -c "import train_$m as t; print(t.PRESETS['$PRESET']['batch'])")   # baseline: fewer steps
+                screen "$m-lr$lr-b$SCREEN_BATCH" "train_$m.py" $((SCREEN_STEPS * b0 / SCREEN_BATCH)) --lr "$lr" --batch "$SCREEN_BATCH"
+            else
+                screen "$m-lr$lr" "train_$m.py" "$SCREEN_STEPS" --lr "$lr"
+            fi
+        done
     done
     for m in ${SCREEN_METHODS:-sct scd}; do   # the baseline: the preset's own run at the same step, from the curve
         for n in 1 2; do
@@ -109,7 +116,7 @@ if has screen; then   # levers screened on short runs (SCREEN_STEPS, CURVE_NUM-s
     done
     mkdir -p "$FIG/repro"
     cp "$R/screen.txt" "$FIG/repro/"
-    echo "levers after $SCREEN_STEPS steps, FID ($CURVE_NUM samples; <method>-preset: the preset's own run):"
+    echo "levers after as many images as $SCREEN_STEPS steps of the preset's batch, FID ($CURVE_NUM samples; <method>-preset: the preset's own run):"
     column -t "$R/screen.txt"
 fi
 
