@@ -1891,6 +1891,44 @@ def test_the_shipped_checkpoints_sample_as_the_readme_says(tmp_path):
     assert x.shape == (64, 28, 28, 1) and 0.15 < x.mean() < 0.45 and x.std() > 0.2   # Fashion-MNIST: 0.29, 0.35
 
 
+def _doc_table(path, heading):
+    """The rows of the first Markdown table after `heading` in `path`, as {column header: cell} dicts."""
+    lines = open(os.path.join(ROOT, path), encoding='utf-8').read().split('\n')
+    i = next(k for k, line in enumerate(lines) if line.startswith(heading))
+    i = next(k for k in range(i, len(lines)) if lines[k].startswith('|'))
+    header = [c.strip() for c in lines[i].strip('|').split('|')]
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith('|'):
+            return rows
+        rows.append(dict(zip(header, (c.strip().replace('*', '') for c in line.strip('|').split('|')))))
+    return rows
+
+
+def test_the_results_tables_are_the_committed_fid_file_digit_for_digit():
+    """README's and REPRODUCTION's tables are figures/repro/fid.txt (written by reproduce.sh): every FID, seed-1 FID
+    and ratio in them is a line of that file, rounded, and each ratio is the FID beside it over the teacher's row."""
+    fid = {}
+    for line in open(os.path.join(ROOT, 'figures', 'repro', 'fid.txt')):
+        key, _, value = line.split()
+        fid[key] = float(value)
+    teacher = fid['teacher-heun35']
+    checked = 0
+    for path, heading, fid_col in [('README.md', '## Results', 'FID'),
+                                   ('REPRODUCTION.md', '## The table', 'FID, seed 0')]:
+        rows = _doc_table(path, heading)
+        ratio_col = next(c for c in rows[0] if c.startswith('÷ teacher'))
+        for row in rows:
+            fids, ratios = row[fid_col].split(' / '), row[ratio_col].split(' / ')
+            assert len(fids) == len(ratios), (path, row)
+            for f, r in zip(fids, ratios):   # one line of fid.txt gives both, rounded as printed
+                assert any('%.2f' % v == f and '%.3f' % (v / teacher) == r for v in fid.values()), (path, row, f, r)
+                checked += 1
+            for f in row.get('seed 1', '').split(' / '):
+                assert not f or any('%.2f' % v == f for k, v in fid.items() if 'seed1' in k), (path, row, f)
+    assert checked >= 30
+
+
 def test_sampling_refuses_what_would_give_wrong_images(tiny_teacher, image_folder, tmp_path, monkeypatch, capsys):
     import cli
     import edit
