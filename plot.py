@@ -32,7 +32,7 @@ def hero(grids, out, panels=(('teacher-heun35', 'teacher, 35 NFE'), ('scd-1step'
     print(f'wrote {out}')
 
 
-NAMES = {'scd': 'sCD', 'sct': 'sCT', 'dscd1024': 'dsCD, N = 1024', 'dscd64': 'dsCD, N = 64'}
+NAMES = {'scd': 'sCD', 'sct': 'sCT', 'dscd1024': 'dsCD, N = 1024', 'dscd64': 'dsCD, N = 64', 'scds1': 'sCD, unguided'}
 
 
 def curve(path, out):
