@@ -1927,6 +1927,17 @@ def test_the_results_tables_are_the_committed_fid_file_digit_for_digit():
             for f in row.get('seed 1', '').split(' / '):
                 assert not f or any('%.2f' % v == f for k, v in fid.items() if 'seed1' in k), (path, row, f)
     assert checked >= 30
+    runs = {}                        # the levers' table: figures/repro/levers.txt (reproduce.sh's levers stage)
+    for line in open(os.path.join(ROOT, 'figures', 'repro', 'levers.txt')):
+        run, steps, teacher, _, _, nfe, value, _ = line.split()
+        runs.setdefault((run, steps, float(teacher)), {})[nfe] = float(value)
+    rows = _doc_table('REPRODUCTION.md', '**A longer teacher**')
+    for row in rows:                 # each row is one run of the file: its teacher, both FIDs and both ratios
+        printed = [row['teacher steps'], row['teacher FID (35 NFE)'], row['sCD 1 / 2 steps at step 1000'],
+                   row['÷ teacher, 1 / 2 steps']]
+        assert printed in ([steps, '%.2f' % t, '%.2f / %.2f' % (v['1'], v['2']), '%.3f / %.3f' % (v['1'] / t, v['2'] / t)]
+                           for (_, steps, t), v in runs.items()), row
+    assert len(rows) >= 2
 
 
 def test_sampling_refuses_what_would_give_wrong_images(tiny_teacher, image_folder, tmp_path, monkeypatch, capsys):
