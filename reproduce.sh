@@ -97,13 +97,10 @@ if has screen; then   # levers screened on short runs (SCREEN_STEPS, CURVE_NUM-s
         for n in 1 2; do put "$R/screen.txt" "$name $steps $n" "$R/screen-$name/checkpoint.pt" "$CURVE_NUM" --steps $n; done
     }
     for lr in ${SCREEN_LRS:-3e-4 1e-4}; do   # the paper's CM rows train at 1/100 of the teacher's rate; the preset at 1/10
-        for m in ${SCREEN_METHODS:-sct scd}; do
-            if [ -n "${SCREEN_BATCH:-}" ]; then   # a larger batch (the paper's CM rows: 2048) for as many images as the
-                b0=$($PY -c "import train_$m as t; print(t.PRESETS['$PRESET']['batch'])")   # baseline: fewer steps
-                screen "$m-lr$lr-b$SCREEN_BATCH" "train_$m.py" $((SCREEN_STEPS * b0 / SCREEN_BATCH)) --lr "$lr" --batch "$SCREEN_BATCH"
-            else
-                screen "$m-lr$lr" "train_$m.py" "$SCREEN_STEPS" --lr "$lr"
-            fi
+        for m in ${SCREEN_METHODS:-sct scd}; do   # SCREEN_BATCH: a larger batch (the paper's CM rows: 2048) for as many
+            b0=$($PY -c "import train_$m as t; print(t.PRESETS['$PRESET']['batch'])")   # images as the baseline's steps
+            b=${SCREEN_BATCH:-$b0}; name=$m-lr$lr; [ "$b" = "$b0" ] || name=$name-b$b
+            screen "$name" "train_$m.py" $((SCREEN_STEPS * b0 / b)) --lr "$lr" --batch "$b"
         done
     done
     for m in ${SCREEN_METHODS:-sct scd}; do   # the baseline: the preset's own run at the same step, from the curve
