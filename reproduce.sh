@@ -6,7 +6,8 @@
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot;
-#                                            # teacherfid, passes, vsd, discrete, demo, edits, scds1, screen, levers, ship: not in
+#                                            # teacherfid, passes, vsd, discrete, demo, edits, scds1, scd-lr3e-4,
+#                                            # screen, levers, ship: not in
 #                                            # the default list; SCREEN_LRS="3e-4" SCREEN_METHODS=sct STAGES=screen: one
 #                                            # lever at a time; SCREEN_BATCH=512 adds the batch, for the same images)
 #   STAGES=discrete bash reproduce.sh        # iCT and CD 2023, from the same teacher (~2 h, 2 cores)
@@ -88,6 +89,7 @@ has sct && cm sct train_sct.py
 has dscd1024 && cm dscd1024 train_scd.py --discrete 1024
 has dscd64 && cm dscd64 train_scd.py --discrete 64
 has scds1 && cm scds1 train_scd.py --s-max 1        # sCD unguided, like CD 2023 (whose recipe sets s_max = 1)
+has scd-lr3e-4 && cm scd-lr3e-4 train_scd.py --lr 3e-4   # sCD at the rate its screen favoured (REPRODUCTION.md, Levers)
 
 if has screen; then   # levers screened on short runs (SCREEN_STEPS, CURVE_NUM-sample FIDs) before a full run is spent
     SCREEN_STEPS=${SCREEN_STEPS:-1000}
@@ -208,16 +210,24 @@ if has vsd; then   # sCD + aVSD (App. C) against sCD alone, both continuing the 
     S=$R/scd/checkpoint.pt
     [ "$(step_of "$S")" -ge 1 ] || { echo "error: $S missing; run the scd stage first" >&2; exit 1; }
     vsd_run() { PRESET=$PRESET-vsd train train_scd.py "$R/$1" "$VSD_STEPS" --teacher "$TEACHER" --student "$S" --vsd "$2"; }
-    OMP_NUM_THREADS=1 vsd_run scd-cont 0 &
-    OMP_NUM_THREADS=1 vsd_run scd-vsd 1 &
-    wait %1 && wait %2
-    for m in scd-cont scd-vsd; do
+    runs=scd-cont; pids=""          # lambda_VSD = 1 (Table 5) and VSD_LAMBDAS (e.g. "0.1"), each its own run, side by side
+    OMP_NUM_THREADS=1 vsd_run scd-cont 0 & pids="$pids $!"
+    for lam in 1 ${VSD_LAMBDAS:-}; do
+        m=scd-vsd; [ "$lam" = 1 ] || m=scd-vsd-lam$lam; runs="$runs $m"
+        OMP_NUM_THREADS=1 vsd_run $m "$lam" & pids="$pids $!"
+    done
+    for p in $pids; do wait $p; done                # set -e stops the stage if one of them failed
+    for m in $runs; do
         for n in 1 2; do put "$R/vsd.txt" "$m-${n}step" "$R/$m/checkpoint.pt" "$NUM" --steps $n; done
     done
-    echo "sCD continued $VSD_STEPS steps alone and with aVSD (lambda 1), FID ($NUM samples):"
+    echo "sCD continued $VSD_STEPS steps alone and with aVSD (scd-vsd: lambda 1, scd-vsd-lam<l>: lambda l), FID ($NUM samples):"
     column -t "$R/vsd.txt"
     mkdir -p "$FIG/repro"
     cp "$R/vsd.txt" "$FIG/repro/"
+    for m in $runs; do   # each run's last log line: its sCD term's mse and its gradient norm, beside the FIDs
+        tail -1 "$R/$m/log.jsonl" | $PY -c "import json, sys; d = json.load(sys.stdin)
+print(sys.argv[1], d['step'], 'mse %.4f grad_norm %.4f' % (d['mse'], d['grad_norm']))" "$m"
+    done > "$FIG/repro/vsd-log.txt"
     for m in scd-cont scd-vsd; do for n in 1 2; do   # the same noise in all four panels
         [ -f "$R/grids/$m-${n}step.png" ] || $PY sample.py "$R/$m/checkpoint.pt" --steps $n --grid "$R/grids/$m-${n}step.png" -n 64 > /dev/null
     done; done

@@ -1940,6 +1940,32 @@ def test_the_results_tables_are_the_committed_fid_file_digit_for_digit():
     assert len(rows) >= 2
 
 
+def _pairs(path, key_of):
+    """{run: (1-step FID, 2-step FID)} of a figures/repro file whose lines end in '<NFE or key> <FID>'."""
+    pairs = {}
+    for line in open(os.path.join(ROOT, 'figures', 'repro', path)):
+        run, nfe, value = key_of(line.split())
+        pairs.setdefault(run, {})[nfe] = float(value)
+    return {run: '%.2f / %.2f' % (v['1'], v['2']) for run, v in pairs.items() if set(v) == {'1', '2'}}
+
+
+def test_the_lever_and_vsd_tables_are_their_files_digit_for_digit():
+    """REPRODUCTION's screen table is figures/repro/screen.txt and its aVSD table figures/repro/vsd.txt (both written
+    by reproduce.sh stages): each row's 1 / 2-step pair is one run of the file, rounded as printed."""
+    screen = _pairs('screen.txt', lambda f: (f[0] + ' ' + f[1], f[2], f[3]))   # '<name> <steps> <NFE> <FID>'
+    rows = _doc_table('REPRODUCTION.md', '## Levers')
+    for row in rows:
+        assert row['1 / 2 steps'] in screen.values(), row
+        assert row["the preset's run"] in [v for k, v in screen.items() if '-preset ' in k], row
+    assert len(rows) >= 5
+    vsd = _pairs('vsd.txt', lambda f: (f[0][:-6], f[0][-5], f[1]))             # '<run>-<NFE>step <FID>'
+    fid = _pairs('fid.txt', lambda f: (f[0][:-6], f[1], f[2]))                 # the student they continue
+    rows = _doc_table('REPRODUCTION.md', '## sCD + adaptive VSD')
+    for row in rows:
+        assert '%s / %s' % (row['1 step'], row['2 steps']) in [*vsd.values(), fid['scd']], row
+    assert len(rows) >= 4
+
+
 def test_sampling_refuses_what_would_give_wrong_images(tiny_teacher, image_folder, tmp_path, monkeypatch, capsys):
     import cli
     import edit
