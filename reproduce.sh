@@ -6,10 +6,10 @@
 #
 #   bash reproduce.sh                        # PRESET=fashion-s: ~12 hours on 2 cores (README)
 #   STAGES="teacher scd" bash reproduce.sh   # only some stages (teacher, scd, sct, dscd1024, dscd64, table, tmid, plot;
-#                                            # teacherfid, passes, vsd, discrete, demo, edits, scds1, scd-lr3e-4,
-#                                            # screen, levers, ship: not in
-#                                            # the default list; SCREEN_LRS="3e-4" SCREEN_METHODS=sct STAGES=screen: one
-#                                            # lever at a time; SCREEN_BATCH=512 adds the batch, for the same images)
+#                                            # not in the default list: teacherfid, passes, vsd, discrete, demo, edits,
+#                                            # scds1, scd-lr3e-4, screen, levers, ship; SCREEN_LRS="3e-4"
+#                                            # SCREEN_METHODS=sct STAGES=screen: one lever at a time; SCREEN_BATCH=512
+#                                            # adds the batch, for the same images; VSD_LAMBDAS="0.1": more aVSD runs)
 #   STAGES=discrete bash reproduce.sh        # iCT and CD 2023, from the same teacher (~2 h, 2 cores)
 #   METHODS=dscd64 STAGES="table tmid" bash reproduce.sh   # one student's rows only (two such runs side by side)
 #   R=/tmp/smoke FIG=/tmp/smoke TEACHER_STEPS=2 CM_STEPS=2 EVERY=1 CURVE_NUM=4 NUM=4 bash reproduce.sh  # smoke, ~15 min
@@ -227,7 +227,7 @@ if has vsd; then   # sCD + aVSD (App. C) against sCD alone, both continuing the 
     for m in $runs; do   # each run's last log line: its sCD term's mse and its gradient norm, beside the FIDs
         tail -1 "$R/$m/log.jsonl" | $PY -c "import json, sys; d = json.load(sys.stdin)
 print(sys.argv[1], d['step'], 'mse %.4f grad_norm %.4f' % (d['mse'], d['grad_norm']))" "$m"
-    done > "$FIG/repro/vsd-log.txt"
+    done > "$FIG/repro/vsd-log.txt.tmp" && mv "$FIG/repro/vsd-log.txt.tmp" "$FIG/repro/vsd-log.txt"
     for m in scd-cont scd-vsd; do for n in 1 2; do   # the same noise in all four panels
         [ -f "$R/grids/$m-${n}step.png" ] || $PY sample.py "$R/$m/checkpoint.pt" --steps $n --grid "$R/grids/$m-${n}step.png" -n 64 > /dev/null
     done; done
