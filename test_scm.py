@@ -1941,7 +1941,8 @@ def test_the_results_tables_are_the_committed_fid_file_digit_for_digit():
 
 
 def _pairs(path, key_of):
-    """{run: (1-step FID, 2-step FID)} of a figures/repro file whose lines end in '<NFE or key> <FID>'."""
+    """{run: '<1-step FID> / <2-step FID>'} (each to 2 decimals, as the docs print them) of a figures/repro file;
+    key_of maps a line's fields to (run, NFE, FID), and runs without both NFEs are left out."""
     pairs = {}
     for line in open(os.path.join(ROOT, 'figures', 'repro', path)):
         run, nfe, value = key_of(line.split())
