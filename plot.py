@@ -32,7 +32,8 @@ def hero(grids, out, panels=(('teacher-heun35', 'teacher, 35 NFE'), ('scd-1step'
     print(f'wrote {out}')
 
 
-NAMES = {'scd': 'sCD', 'sct': 'sCT', 'dscd1024': 'dsCD, N = 1024', 'dscd64': 'dsCD, N = 64', 'scds1': 'sCD, unguided'}
+NAMES = {'scd': 'sCD', 'sct': 'sCT', 'dscd1024': 'dsCD, N = 1024', 'dscd64': 'dsCD, N = 64', 'scds1': 'sCD, unguided',
+         'scd-lr3e-4': 'sCD, lr 3e-4'}
 
 
 def curve(path, out):

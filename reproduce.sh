@@ -30,7 +30,7 @@ CM_STEPS=${CM_STEPS:-3000}           # sCD, sCT and both dsCD train this many st
 EVERY=${EVERY:-500}                  # a curve point every EVERY steps
 TEACHER_STEPS=${TEACHER_STEPS:-}     # empty: the preset's step count
 STAGES=${STAGES:-teacher scd sct dscd1024 dscd64 table tmid plot}
-METHODS=${METHODS:-scd sct dscd1024 dscd64 scds1 ict cd2023}   # the students the table and tmid rows cover (when final)
+METHODS=${METHODS:-scd sct dscd1024 dscd64 scds1 ict cd2023 scd-lr3e-4}   # the students the table and tmid rows cover (when final)
 PY=${PY:-python}
 R=${R:-runs/repro-$PRESET}       # the run folder (override for a smoke run)
 FIG=${FIG:-figures}              # where the plot stage writes hero.png and repro/fid-vs-{steps,tmid}.png
@@ -186,6 +186,7 @@ if has tmid; then   # the intermediate time (paper: 1.1, tuned on ImageNet), cho
     for m in $METHODS; do   # every final student's 2-step FID at sCD's best t, in the table's terms
         if [ "$(step_of "$R/$m/checkpoint.pt")" -ge "$CM_STEPS" ]; then
             put "$R/fid.txt" "$m-2step-t$best 2" "$R/$m/checkpoint.pt" "$NUM" --ts "$t_max" "$best"
+            put "$R/fid.txt" "$m-2step-t$best-seed1 2" "$R/$m/checkpoint.pt" "$NUM" --ts "$t_max" "$best" --seed 1   # the noise
         fi
     done
 fi

@@ -1967,6 +1967,34 @@ def test_the_lever_and_vsd_tables_are_their_files_digit_for_digit():
     assert len(rows) >= 4
 
 
+def test_the_curve_and_tmid_tables_are_their_files_digit_for_digit():
+    """REPRODUCTION's curve tables (every table whose first column is 'step') are figures/repro/curve.txt: each
+    '<1> / <2>' cell is one method's pair at that step and the ratio beside it that 2-step FID over the teacher's line;
+    its intermediate-time table is figures/repro/tmid.txt."""
+    curve = _pairs('curve.txt', lambda f: (f[0] + ' ' + f[1], f[2], f[3]))   # '<method> <step> <NFE> <FID>'
+    fids = {(f[0], f[1], f[2]): float(f[3]) for f in map(str.split, open(os.path.join(ROOT, 'figures', 'repro',
+                                                                                       'curve.txt')))}
+    teacher = next(v for (m, _, _), v in fids.items() if m == 'teacher')
+    lines = open(os.path.join(ROOT, 'REPRODUCTION.md'), encoding='utf-8').read().split('\n')
+    checked = 0
+    for i in (k for k, line in enumerate(lines) if line.startswith('| step |')):
+        for line in lines[i + 2:]:
+            if not line.startswith('|'):
+                break
+            step, *cells = [c.strip() for c in line.strip('|').split('|')]
+            for pair, ratio in zip(cells[::2], cells[1::2]):   # '<1> / <2>', then '÷ teacher, 2 steps'
+                method = next((k.split()[0] for k, v in curve.items() if v == pair and k.endswith(' ' + step)), None)
+                assert method, (step, pair)
+                assert ratio == '%.3f' % (fids[method, step, '2'] / teacher), (step, pair, ratio)
+                checked += 1
+    assert checked >= 18
+    tmid = {f[0]: float(f[1]) for f in map(str.split, open(os.path.join(ROOT, 'figures', 'repro', 'tmid.txt')))}
+    rows = _doc_table('REPRODUCTION.md', '## The intermediate time')
+    assert len(rows) == 1 and len(rows[0]) >= 7
+    for t, fid in list(rows[0].items())[1:]:
+        assert '%.2f' % tmid[t] == fid, (t, fid)
+
+
 def test_sampling_refuses_what_would_give_wrong_images(tiny_teacher, image_folder, tmp_path, monkeypatch, capsys):
     import cli
     import edit
