@@ -1991,8 +1991,8 @@ def test_the_curve_and_tmid_tables_are_their_files_digit_for_digit():
     tmid = {f[0]: float(f[1]) for f in map(str.split, open(os.path.join(ROOT, 'figures', 'repro', 'tmid.txt')))}
     rows = _doc_table('REPRODUCTION.md', '## The intermediate time')
     assert len(rows) == 1 and len(rows[0]) >= 7
-    for t, fid in list(rows[0].items())[1:]:
-        assert '%.2f' % tmid[t] == fid, (t, fid)
+    for t, printed in list(rows[0].items())[1:]:
+        assert '%.2f' % tmid[t] == printed, (t, printed)
 
 
 def test_sampling_refuses_what_would_give_wrong_images(tiny_teacher, image_folder, tmp_path, monkeypatch, capsys):
