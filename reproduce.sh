@@ -229,10 +229,12 @@ if has vsd; then   # sCD + aVSD (App. C) against sCD alone, both continuing the 
         tail -1 "$R/$m/log.jsonl" | $PY -c "import json, sys; d = json.load(sys.stdin)
 print(sys.argv[1], d['step'], 'mse %.4f grad_norm %.4f' % (d['mse'], d['grad_norm']))" "$m"
     done > "$FIG/repro/vsd-log.txt.tmp" && mv "$FIG/repro/vsd-log.txt.tmp" "$FIG/repro/vsd-log.txt"
+    mkdir -p "$R/grids-vsd"   # apart from the table's grids, which the plot stage copies: vsd.png shows these
     for m in scd-cont scd-vsd; do for n in 1 2; do   # the same noise in all four panels
-        [ -f "$R/grids/$m-${n}step.png" ] || $PY sample.py "$R/$m/checkpoint.pt" --steps $n --grid "$R/grids/$m-${n}step.png" -n 64 > /dev/null
+        g=$R/grids-vsd/$m-${n}step.png
+        [ -f "$g" ] || $PY sample.py "$R/$m/checkpoint.pt" --steps $n --grid "$g" -n 64 > /dev/null
     done; done
-    $PY plot.py hero "$R/grids" "$FIG/repro/vsd.png" --panels scd-cont-1step="sCD, 1 NFE" scd-cont-2step="sCD, 2 NFE" \
+    $PY plot.py hero "$R/grids-vsd" "$FIG/repro/vsd.png" --panels scd-cont-1step="sCD, 1 NFE" scd-cont-2step="sCD, 2 NFE" \
         scd-vsd-1step="sCD + aVSD, 1 NFE" scd-vsd-2step="sCD + aVSD, 2 NFE"
 fi
 if has demo; then   # the offline demo (a 2-D mixture whose teacher is exact), three seeds: its table and picture (seed 0's)

@@ -1971,9 +1971,10 @@ def test_the_curve_and_tmid_tables_are_their_files_digit_for_digit():
     """REPRODUCTION's curve tables (every table whose first column is 'step') are figures/repro/curve.txt: each
     '<1> / <2>' cell is one method's pair at that step and the ratio beside it that 2-step FID over the teacher's line;
     its intermediate-time table is figures/repro/tmid.txt."""
-    curve = _pairs('curve.txt', lambda f: (f[0] + ' ' + f[1], f[2], f[3]))   # '<method> <step> <NFE> <FID>'
-    fids = {(f[0], f[1], f[2]): float(f[3]) for f in map(str.split, open(os.path.join(ROOT, 'figures', 'repro',
-                                                                                       'curve.txt')))}
+    fids = {(f[0], f[1], f[2]): float(f[3])                                   # '<method> <step> <NFE> <FID>'
+            for f in map(str.split, open(os.path.join(ROOT, 'figures', 'repro', 'curve.txt')))}
+    curve = {(m, s): '%.2f / %.2f' % (v, fids[m, s, '2']) for (m, s, nfe), v in fids.items()
+             if nfe == '1' and (m, s, '2') in fids}
     teacher = next(v for (m, _, _), v in fids.items() if m == 'teacher')
     lines = open(os.path.join(ROOT, 'REPRODUCTION.md'), encoding='utf-8').read().split('\n')
     checked = 0
@@ -1983,7 +1984,7 @@ def test_the_curve_and_tmid_tables_are_their_files_digit_for_digit():
                 break
             step, *cells = [c.strip() for c in line.strip('|').split('|')]
             for pair, ratio in zip(cells[::2], cells[1::2]):   # '<1> / <2>', then '÷ teacher, 2 steps'
-                method = next((k.split()[0] for k, v in curve.items() if v == pair and k.endswith(' ' + step)), None)
+                method = next((m for (m, s), v in curve.items() if v == pair and s == step), None)
                 assert method, (step, pair)
                 assert ratio == '%.3f' % (fids[method, step, '2'] / teacher), (step, pair, ratio)
                 checked += 1
