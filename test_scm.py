@@ -1978,7 +1978,8 @@ def test_the_curve_and_tmid_tables_are_their_files_digit_for_digit():
     teacher = next(v for (m, _, _), v in fids.items() if m == 'teacher')
     lines = open(os.path.join(ROOT, 'REPRODUCTION.md'), encoding='utf-8').read().split('\n')
     checked = 0
-    for i in (k for k, line in enumerate(lines) if line.startswith('| step |')):
+    for i in (k for k, line in enumerate(lines) if line.startswith('| step |')):   # cells by place: these tables
+        # repeat a header ('÷ teacher, 2 steps'), which _doc_table's dicts would merge
         for line in lines[i + 2:]:
             if not line.startswith('|'):
                 break
